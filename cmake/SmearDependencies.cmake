@@ -1,0 +1,17 @@
+# Finds what smear::smear needs. Used by smear's own build and by the installed
+# smearConfig.cmake, so a consumer resolves the same dependencies the same way.
+include(CMakeFindDependencyMacro)
+find_dependency(Eigen3 3.3 NO_MODULE)
+find_dependency(xsimd)
+# Debian's xsimd 8 exports a link to a target "xtl" it never defines (xsimd is header-only and
+# smear does not use its xtl integration); give that name an empty target so it does not turn
+# into "-lxtl" at link time.
+if(TARGET xsimd AND NOT TARGET xtl)
+  find_package(xtl QUIET)
+  if(NOT TARGET xtl)
+    add_library(xtl INTERFACE IMPORTED)
+  endif()
+endif()
+if(SMEAR_OPENMP OR NOT DEFINED SMEAR_OPENMP)
+  find_package(OpenMP QUIET COMPONENTS CXX)
+endif()

@@ -1,0 +1,273 @@
+#pragma once
+/// \file routing/router.hpp
+/// The per-example router: pool the tokens, optionally LayerNorm, a linear map to N logits,
+/// softmax with temperature, and expert dropout in training. Its backward returns the
+/// gradient to the pooled input spread over the tokens.
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <vector>
+
+#include "smear/backend/kernels.hpp"
+#include "smear/error.hpp"
+#include "smear/layout.hpp"
+#include "smear/parameter.hpp"
+#include "smear/random.hpp"
+#include "smear/tensor.hpp"
+
+namespace smear {
+
+/// How a router summarises an example's tokens.
+enum class pooling {
+  masked_mean,  ///< mean over the valid tokens
+  mean,         ///< mean over all `length` positions, padding included (the official code's)
+};
+
+/// Router options; the defaults are the official SMEAR code's.
+struct router_options {
+  pooling pool = pooling::masked_mean;
+  bool layer_norm = true;        ///< LayerNorm (gain 1, bias 0 at start) of the pooled vector
+  double temperature = 1.0;      ///< p = softmax(z / temperature); must be > 0
+  bool detach_input = false;     ///< no gradient from the router into the layer's input
+  double expert_dropout = 0.0;   ///< in training, drop each p_e with this probability, renormalise
+  double init_std = 0.01;        ///< N(0, init_std²) for the router weight; bias starts at 0
+  double layer_norm_eps = 1e-5;
+};
+
+/// Throws value_error when an option is outside its domain.
+inline void validate(const router_options& o) {
+  if (!(o.temperature > 0.0) || !std::isfinite(o.temperature))
+    throw value_error(detail::message("router: temperature must be positive and finite, got ",
+                                      o.temperature));
+  if (!(o.expert_dropout >= 0.0 && o.expert_dropout < 1.0))
+    throw value_error(detail::message("router: expert_dropout must be in [0, 1), got ",
+                                      o.expert_dropout));
+  if (!(o.layer_norm_eps > 0.0))
+    throw value_error(detail::message("router: layer_norm_eps must be positive, got ",
+                                      o.layer_norm_eps));
+}
+
+/// Routes each example of a batch to a distribution over N experts.
+///
+/// Parameters, one contiguous vector: `layer_norm.weight` [d] and `layer_norm.bias` [d] (only
+/// with layer_norm), `weight` [N, d], `bias` [N].
+template <class T, std::size_t N>
+class router {
+ public:
+  using value_type = T;
+
+  /// Router over `dim`-dimensional tokens, its weight drawn from a generator seeded with `seed`.
+  /// Throws value_error for a zero `dim` or an option outside its domain.
+  explicit router(std::size_t dim, router_options options = {}, std::uint64_t seed = 0)
+      : d_(dim), opt_(options) {
+    validate(opt_);
+    if (d_ == 0) throw value_error("router: input dimension must be positive");
+    layout_builder b;
+    if (opt_.layer_norm)
+      b.add("layer_norm.weight", {d_}, init_rule::ones()).add("layer_norm.bias", {d_}, init_rule::zeros());
+    b.add("weight", {N, d_}, init_rule::normal(opt_.init_std)).add("bias", {N}, init_rule::zeros());
+    layout_ = b.build();
+    values_.assign(layout_size(layout_), T(0));
+    grads_.assign(values_.size(), T(0));
+    rng gen{seed};
+    initialize(gen);
+  }
+
+  std::size_t input_dim() const noexcept { return d_; }
+  const router_options& options() const noexcept { return opt_; }
+  const parameter_layout& layout() const noexcept { return layout_; }
+  std::span<T> values() noexcept { return values_; }
+  std::span<const T> values() const noexcept { return values_; }
+  std::span<T> gradients() noexcept { return grads_; }
+  std::span<const T> gradients() const noexcept { return grads_; }
+  void zero_grad() noexcept { std::fill(grads_.begin(), grads_.end(), T(0)); }
+
+  /// Draws the parameters from `gen` following the layout.
+  void initialize(rng& gen) { smear::initialize(layout_, std::span<T>(values_), gen); }
+
+  /// Appends this router's tensors to an optimiser's list (decay on the weight only).
+  void append_parameters(parameter_list<T>& out, const std::string& prefix) {
+    for (const auto& s : layout_)
+      out.push_back({prefix + s.name, std::span<T>(values_).subspan(s.offset, s.size()),
+                     std::span<T>(grads_).subspan(s.offset, s.size()), s.name == "weight"});
+  }
+
+  /// Routing probabilities of the last forward, after dropout: [B, N].
+  matrix_ref<const T> probabilities() const noexcept { return {used_.data(), batch_, N}; }
+  /// Softmax before dropout: [B, N].
+  matrix_ref<const T> softmax() const noexcept { return {soft_.data(), batch_, N}; }
+  /// Logits z (before the temperature): [B, N].
+  matrix_ref<const T> logits() const noexcept { return {logits_.data(), batch_, N}; }
+
+  /// Bytes held by the router's per-batch buffers.
+  std::size_t workspace_bytes() const noexcept {
+    return sizeof(T) * (pooled_.capacity() + normed_.capacity() + features_.capacity() +
+                        rstd_.capacity() + logits_.capacity() + soft_.capacity() +
+                        used_.capacity() + keep_.capacity() + kept_.capacity() + dlogits_.capacity() +
+                        dfeatures_.capacity());
+  }
+
+  /// Routes a batch (shapes checked by the caller). With `training` and expert_dropout > 0,
+  /// drops experts using `gen`.
+  template <class Backend>
+  void forward(Backend be, tokens<const T> x, bool training, rng& gen) {
+    reserve(x.batch);
+    const std::size_t B = x.batch;
+    // pool
+    backend::parallel_for(be, B, [&](std::size_t b, std::size_t) {
+      const std::size_t rows = opt_.pool == pooling::mean ? x.length : x.valid(b);
+      std::span<T> h(pooled_.data() + b * d_, d_);
+      backend::column_sums<T>(be, x.example(b).middle_rows(0, rows), h);
+      const T inv = T(1) / static_cast<T>(rows);
+      for (auto& v : h) v *= inv;
+    });
+    // layer norm
+    if (opt_.layer_norm) {
+      const T* gain = values_.data();
+      const T* shift = values_.data() + d_;
+      for (std::size_t b = 0; b < B; ++b) {
+        const T* h = pooled_.data() + b * d_;
+        T mean = 0, var = 0;
+        for (std::size_t j = 0; j < d_; ++j) mean += h[j];
+        mean /= static_cast<T>(d_);
+        for (std::size_t j = 0; j < d_; ++j) var += (h[j] - mean) * (h[j] - mean);
+        var /= static_cast<T>(d_);
+        const T rstd = T(1) / std::sqrt(var + static_cast<T>(opt_.layer_norm_eps));
+        rstd_[b] = rstd;
+        for (std::size_t j = 0; j < d_; ++j) {
+          normed_[b * d_ + j] = (h[j] - mean) * rstd;
+          features_[b * d_ + j] = normed_[b * d_ + j] * gain[j] + shift[j];
+        }
+      }
+    }
+    // logits z = f·Wᵀ + c, softmax(z / τ)
+    matrix_ref<T> z{logits_.data(), B, N};
+    backend::gemm<T>(be, false, true, T(1), features(), weight(), T(0), z);
+    const T inv_t = static_cast<T>(1.0 / opt_.temperature);
+    const bool drop = training && opt_.expert_dropout > 0.0;
+    for (std::size_t b = 0; b < B; ++b) {
+      T* zb = logits_.data() + b * N;
+      T* pb = soft_.data() + b * N;
+      T zmax = -std::numeric_limits<T>::infinity();
+      for (std::size_t e = 0; e < N; ++e) {
+        zb[e] += bias()[e];
+        zmax = std::max(zmax, zb[e] * inv_t);
+      }
+      T sum = 0;
+      for (std::size_t e = 0; e < N; ++e) sum += (pb[e] = std::exp(zb[e] * inv_t - zmax));
+      for (std::size_t e = 0; e < N; ++e) pb[e] /= sum;
+      T* kb = keep_.data() + b * N;
+      T* ub = used_.data() + b * N;
+      T kept = 0;
+      for (std::size_t e = 0; e < N; ++e) {
+        kb[e] = (!drop || gen.uniform() >= opt_.expert_dropout) ? T(1) : T(0);
+        kept += kb[e] * pb[e];
+      }
+      if (!(kept > T(0))) {  // every expert dropped: keep them all
+        std::fill(kb, kb + N, T(1));
+        kept = 1;
+      }
+      kept_[b] = kept;
+      for (std::size_t e = 0; e < N; ++e) ub[e] = kb[e] * pb[e] / kept;
+    }
+  }
+
+  /// Given ∂ℓ/∂p ([B, N], for the probabilities of the last forward), accumulates the
+  /// router's parameter gradients and, unless detached, adds ∂ℓ/∂x into `dx`.
+  template <class Backend>
+  void backward(Backend be, matrix_ref<const T> dprobs, tokens<T> dx) {
+    const std::size_t B = batch_;
+    const T inv_t = static_cast<T>(1.0 / opt_.temperature);
+    for (std::size_t b = 0; b < B; ++b) {
+      const T* g = dprobs.data + b * dprobs.stride;
+      const T* pb = soft_.data() + b * N;
+      const T* ub = used_.data() + b * N;
+      const T* kb = keep_.data() + b * N;
+      T gu = 0;  // ⟨g, p_used⟩
+      for (std::size_t e = 0; e < N; ++e) gu += g[e] * ub[e];
+      T dsoft[N];
+      for (std::size_t e = 0; e < N; ++e) dsoft[e] = kb[e] / kept_[b] * (g[e] - gu);
+      T gp = 0;  // ⟨dsoft, p⟩
+      for (std::size_t e = 0; e < N; ++e) gp += dsoft[e] * pb[e];
+      T* dz = dlogits_.data() + b * N;
+      for (std::size_t e = 0; e < N; ++e) dz[e] = pb[e] * (dsoft[e] - gp) * inv_t;
+    }
+    matrix_ref<const T> dz{dlogits_.data(), B, N};
+    // dW += dZᵀ·F, dc += Σ dZ, dF = dZ·W
+    backend::gemm<T>(be, true, false, T(1), dz, features(), T(1), weight_grad());
+    for (std::size_t b = 0; b < B; ++b)
+      for (std::size_t e = 0; e < N; ++e) bias_grad()[e] += dz(b, e);
+    matrix_ref<T> df{dfeatures_.data(), B, d_};
+    backend::gemm<T>(be, false, false, T(1), dz, weight(), T(0), df);
+    if (opt_.layer_norm) {
+      const T* gain = values_.data();
+      T* dgain = grads_.data();
+      T* dshift = grads_.data() + d_;
+      for (std::size_t b = 0; b < B; ++b) {
+        T* dfb = dfeatures_.data() + b * d_;
+        const T* nb = normed_.data() + b * d_;
+        T mean_dn = 0, mean_dn_n = 0;
+        for (std::size_t j = 0; j < d_; ++j) {
+          dgain[j] += dfb[j] * nb[j];
+          dshift[j] += dfb[j];
+          dfb[j] *= gain[j];  // now ∂ℓ/∂n
+          mean_dn += dfb[j];
+          mean_dn_n += dfb[j] * nb[j];
+        }
+        mean_dn /= static_cast<T>(d_);
+        mean_dn_n /= static_cast<T>(d_);
+        for (std::size_t j = 0; j < d_; ++j)
+          dfb[j] = rstd_[b] * (dfb[j] - mean_dn - nb[j] * mean_dn_n);  // now ∂ℓ/∂h
+      }
+    }
+    if (opt_.detach_input) return;
+    // spread ∂ℓ/∂h over the pooled tokens
+    backend::parallel_for(be, B, [&](std::size_t b, std::size_t) {
+      const std::size_t rows = opt_.pool == pooling::mean ? dx.length : dx.valid(b);
+      std::span<T> dh(dfeatures_.data() + b * d_, d_);
+      const T inv = T(1) / static_cast<T>(rows);
+      for (auto& v : dh) v *= inv;
+      backend::add_to_rows<T>(be, dx.example(b).middle_rows(0, rows), std::span<const T>(dh));
+    });
+  }
+
+ private:
+  void reserve(std::size_t B) {
+    batch_ = B;
+    pooled_.resize(B * d_);
+    if (opt_.layer_norm) {
+      normed_.resize(B * d_);
+      features_.resize(B * d_);
+      rstd_.resize(B);
+    }
+    logits_.resize(B * N);
+    soft_.resize(B * N);
+    used_.resize(B * N);
+    keep_.resize(B * N);
+    kept_.resize(B);
+    dlogits_.resize(B * N);
+    dfeatures_.resize(B * d_);
+  }
+  std::size_t weight_offset() const noexcept { return opt_.layer_norm ? 2 * d_ : 0; }
+  matrix_ref<const T> weight() const { return {values_.data() + weight_offset(), N, d_}; }
+  matrix_ref<T> weight_grad() { return {grads_.data() + weight_offset(), N, d_}; }
+  const T* bias() const { return values_.data() + weight_offset() + N * d_; }
+  T* bias_grad() { return grads_.data() + weight_offset() + N * d_; }
+  matrix_ref<const T> features() const {
+    return {opt_.layer_norm ? features_.data() : pooled_.data(), batch_, d_};
+  }
+
+  std::size_t d_;
+  router_options opt_;
+  parameter_layout layout_;
+  std::vector<T> values_, grads_;
+  std::size_t batch_ = 0;
+  std::vector<T> pooled_, normed_, features_, rstd_, logits_, soft_, used_, keep_, kept_,
+      dlogits_, dfeatures_;
+};
+
+}  // namespace smear

@@ -1,0 +1,397 @@
+// The SMEAR layer: gradients against finite differences, cpu against reference, the
+// properties merging must have, and every error path.
+
+#include <doctest/doctest.h>
+
+#include <numeric>
+#include <smear/smear.hpp>
+
+#include "support/testing.hpp"
+
+using namespace smear;
+using smear::testing::check_gradient;
+using smear::testing::random_vector;
+
+namespace {
+
+struct problem {
+  std::size_t B, L;
+  std::vector<std::int32_t> lengths;
+};
+
+/// Checks every gradient of a layer (experts, router, input) by central differences of
+/// ℓ = Σ w ⊙ y. The layer is reseeded before each forward, so expert dropout draws the same
+/// experts every time.
+template <class Expert, std::size_t N>
+void check_layer_gradients(layer<Expert, N, backend::reference>& block, const problem& pr,
+                           std::uint64_t seed) {
+  rng gen{seed};
+  const std::size_t din = block.input_dim(), dout = block.output_dim();
+  auto x = random_vector<double>(pr.B * pr.L * din, gen);
+  const auto w = random_vector<double>(pr.B * pr.L * dout, gen);
+  // random (not freshly initialised) parameters, so every path carries signal
+  for (auto& v : std::span<double>(block.bank().values().data, N * block.bank().parameter_count()))
+    v = 0.3 * gen.normal();
+  for (auto& v : block.router().values()) v = 0.5 * gen.normal();
+  std::vector<double> y(pr.B * pr.L * dout), dx(x.size());
+  auto xs = make_tokens<const double>(x.data(), pr.B, pr.L, din, pr.lengths);
+  auto loss = [&] {
+    block.reseed(seed);
+    block.forward(xs, y);
+    return testing::weighted_sum(y, w);
+  };
+  loss();
+  block.zero_grad();
+  block.backward(w, dx);
+  const auto bank_grad = std::vector<double>(block.bank().gradients().data,
+                                             block.bank().gradients().data + N * block.bank().parameter_count());
+  const auto router_grad =
+      std::vector<double>(block.router().gradients().begin(), block.router().gradients().end());
+  check_gradient("experts", {block.bank().values().data, bank_grad.size()}, bank_grad, loss);
+  check_gradient("router", block.router().values(), router_grad, loss);
+  if (!block.router().options().detach_input) {
+    check_gradient("input", x, dx, loss);
+    return;
+  }
+  // Detached: ∂ℓ/∂x is the expert path alone, the routing held fixed. Hold it fixed by routing
+  // each example with a constant router (weight 0, bias log p_b) and differentiate that.
+  loss();  // the routing at the unperturbed input
+  for (std::size_t b = 0; b < pr.B; ++b) {
+    layer<Expert, N, backend::reference> fixed{block.expert(), {.router = {.layer_norm = false}}};
+    std::copy_n(block.bank().values().data, N * block.bank().parameter_count(), fixed.bank().values().data);
+    auto r = fixed.router().values();
+    std::fill(r.begin(), r.end(), 0.0);
+    for (std::size_t e = 0; e < N; ++e) r[r.size() - N + e] = std::log(block.routing()(b, e));
+    std::vector<std::int32_t> len{pr.lengths.empty() ? static_cast<std::int32_t>(pr.L) : pr.lengths[b]};
+    std::span<double> xb(x.data() + b * pr.L * din, pr.L * din);
+    std::span<const double> wb(w.data() + b * pr.L * dout, pr.L * dout);
+    std::vector<double> yb(pr.L * dout);
+    auto loss_b = [&] {
+      fixed.forward(make_tokens<const double>(xb.data(), 1, pr.L, din, len), yb);
+      return testing::weighted_sum(yb, wb);
+    };
+    check_gradient("input, routing held fixed", xb,
+                   std::span<const double>(dx.data() + b * pr.L * din, pr.L * din), loss_b);
+  }
+}
+
+const problem ragged{3, 4, {4, 2, 3}};
+
+}  // namespace
+
+TEST_CASE("layer gradients match finite differences") {
+  using E = adapter<double>;
+  SUBCASE("defaults: masked mean, LayerNorm, SiLU, residual") {
+    layer<E, 3, backend::reference> block{E{5, 3}, {}, 1};
+    check_layer_gradients(block, ragged, 2);
+  }
+  SUBCASE("no LayerNorm, plain mean over padding, temperature 0.5, up bias") {
+    layer<E, 4, backend::reference> block{E{5, 2, {.up_bias = true}},
+                                          {.router = {.pool = pooling::mean, .layer_norm = false,
+                                                      .temperature = 0.5}}, 3};
+    check_layer_gradients(block, ragged, 4);
+  }
+  SUBCASE("detached router input") {
+    layer<E, 2, backend::reference> block{E{4, 3, {.act = activation::gelu}},
+                                          {.router = {.detach_input = true}}, 5};
+    check_layer_gradients(block, ragged, 6);
+  }
+  SUBCASE("expert dropout in training") {
+    layer<E, 5, backend::reference> block{E{4, 2}, {.router = {.expert_dropout = 0.4}}, 7};
+    check_layer_gradients(block, problem{4, 3, {3, 1, 2, 3}}, 8);
+  }
+  SUBCASE("full-length batch without lengths") {
+    layer<E, 3, backend::reference> block{E{3, 2}, {}, 9};
+    check_layer_gradients(block, problem{2, 3, {}}, 10);
+  }
+  SUBCASE("lora experts over a frozen map, not residual") {
+    rng gen{11};
+    using LE = lora<double>;
+    layer<LE, 3, backend::reference> block{
+        LE{4, 3, 2, random_vector<double>(12, gen), random_vector<double>(3, gen)}, {}, 12};
+    CHECK_FALSE(block.residual());
+    check_layer_gradients(block, ragged, 13);
+  }
+  SUBCASE("linear experts") {
+    layer<linear<double>, 2, backend::reference> block{linear<double>{3, 5}, {}, 14};
+    check_layer_gradients(block, ragged, 15);
+  }
+  SUBCASE("the mergeable archetype") {
+    layer<archetypes::mergeable_expert<double>, 3, backend::reference> block{
+        archetypes::mergeable_expert<double>{4}, {}, 16};
+    check_layer_gradients(block, ragged, 17);
+  }
+}
+
+namespace {
+
+/// Runs forward + backward of a reference and a cpu layer with the same parameters and
+/// compares outputs and every gradient.
+template <class Expert, std::size_t N>
+void check_cpu_layer(const Expert& proto, std::size_t B, std::size_t L, std::uint64_t seed,
+                     layer_options opt = {}) {
+  using T = typename Expert::value_type;
+  layer<Expert, N, backend::reference> ref{proto, opt, seed};
+  layer<Expert, N, backend::cpu> fast{proto, opt, seed};
+  rng gen{seed};
+  std::vector<std::int32_t> lengths(B);
+  for (auto& l : lengths) l = static_cast<std::int32_t>(1 + gen.below(L));
+  const auto x = random_vector<T>(B * L * proto.input_dim(), gen);
+  const auto dy = random_vector<T>(B * L * proto.output_dim(), gen);
+  // make the router's decision non-trivial
+  for (auto& v : ref.router().values()) v = static_cast<T>(0.5 * gen.normal());
+  std::copy(ref.router().values().begin(), ref.router().values().end(), fast.router().values().begin());
+  std::vector<T> y0(dy.size()), y1(dy.size()), dx0(x.size()), dx1(x.size());
+  auto xs = make_tokens<const T>(x.data(), B, L, proto.input_dim(), lengths);
+  ref.reseed(seed);
+  fast.reseed(seed);
+  ref.forward(xs, y0);
+  fast.forward(xs, y1);
+  ref.backward(dy, dx0);
+  fast.backward(dy, dx1);
+  const double tol = testing::tolerance<T>() * std::sqrt(static_cast<double>(proto.input_dim() + L * B));
+  auto flat = [](auto m) { return std::vector<T>(m.data, m.data + m.rows * m.cols); };
+  CHECK(testing::relative_error(flat(fast.routing()), flat(ref.routing())) < tol);
+  CHECK(testing::relative_error(y1, y0) < tol);
+  CHECK(testing::relative_error(dx1, dx0) < tol);
+  CHECK(testing::relative_error(flat(fast.bank().gradients()), flat(ref.bank().gradients())) < tol);
+  CHECK(testing::relative_error(fast.router().gradients(), ref.router().gradients()) < tol);
+}
+
+}  // namespace
+
+TEST_CASE("cpu layer equals reference layer") {
+  SUBCASE("odd sizes") { check_cpu_layer<adapter<float>, 3>(adapter<float>{13, 5}, 5, 7, 31); }
+  SUBCASE("B = 1, L = 1") { check_cpu_layer<adapter<float>, 8>(adapter<float>{17, 3}, 1, 1, 32); }
+  SUBCASE("wider, gelu, up bias, plain mean") {
+    check_cpu_layer<adapter<float>, 4>(adapter<float>{96, 24, {.act = activation::gelu, .up_bias = true}}, 6,
+                                       9, 33, {.router = {.pool = pooling::mean}});
+  }
+  SUBCASE("expert dropout") {
+    check_cpu_layer<adapter<float>, 6>(adapter<float>{20, 4}, 4, 5, 34, {.router = {.expert_dropout = 0.3}});
+  }
+  SUBCASE("lora and linear") {
+    check_cpu_layer<lora<float>, 3>(lora<float>{10, 6, 2}, 3, 4, 35);
+    check_cpu_layer<linear<float>, 2>(linear<float>{7, 9}, 3, 4, 36);
+  }
+  SUBCASE("double") { check_cpu_layer<adapter<double>, 4>(adapter<double>{11, 6}, 3, 5, 37); }
+}
+
+namespace {
+
+template <std::size_t N>
+struct fixture {
+  static constexpr std::size_t B = 3, L = 4, d = 6, m = 3;
+  adapter<double> proto{d, m, {.up_bias = true}};
+  layer<adapter<double>, N, backend::reference> block{proto, {}, 41};
+  std::vector<std::int32_t> lengths{4, 1, 3};
+  std::vector<double> x, y;
+  fixture() {
+    rng gen{42};
+    x = random_vector<double>(B * L * d, gen);
+    y.resize(x.size());
+    auto v = block.bank().values();
+    for (std::size_t i = 0; i < v.rows * v.cols; ++i) v.data[i] = 0.4 * gen.normal();
+  }
+  tokens<const double> xs() const { return make_tokens<const double>(x.data(), B, L, d, lengths); }
+  /// Sets the router so it puts all mass on `e` (weight 0, bias a large one-hot), or to
+  /// uniform when e == N.
+  void force_routing(std::size_t e) {
+    auto r = block.router().values();
+    std::fill(r.begin(), r.end(), 0.0);
+    const auto& s = find_slot(block.router().layout(), "layer_norm.weight");
+    std::fill(r.begin() + static_cast<std::ptrdiff_t>(s.offset),
+              r.begin() + static_cast<std::ptrdiff_t>(s.offset + s.size()), 1.0);
+    if (e < N) r[r.size() - N + e] = 800.0;
+  }
+  /// x + expert(x; params) on the valid rows of example b, zero elsewhere.
+  std::vector<double> direct(std::size_t b, std::span<const double> params) const {
+    const std::size_t rows = static_cast<std::size_t>(lengths[b]);
+    std::vector<double> out(L * d, 0.0), saved(proto.saved_size(rows));
+    proto.forward(backend::reference{}, params, matrix_ref<const double>{x.data() + b * L * d, rows, d},
+                  matrix_ref<double>{out.data(), rows, d}, std::span<double>(saved));
+    for (std::size_t i = 0; i < rows * d; ++i) out[i] += x[b * L * d + i];
+    return out;
+  }
+  std::vector<double> output(std::size_t b) const {
+    return {y.begin() + static_cast<std::ptrdiff_t>(b * L * d),
+            y.begin() + static_cast<std::ptrdiff_t>((b + 1) * L * d)};
+  }
+};
+
+}  // namespace
+
+TEST_CASE("merging: one-hot routing reproduces that expert exactly") {
+  fixture<4> f;
+  for (std::size_t e = 0; e < 4; ++e) {
+    f.force_routing(e);
+    f.block.forward(f.xs(), f.y);
+    for (std::size_t b = 0; b < f.B; ++b) {
+      CHECK(f.block.routing()(b, e) == 1.0);
+      CHECK(f.output(b) == f.direct(b, f.block.bank()[e]));
+    }
+  }
+}
+
+TEST_CASE("merging: equal probabilities reproduce the parameter-averaged expert") {
+  fixture<4> f;
+  f.force_routing(4);
+  f.block.forward(f.xs(), f.y);
+  std::vector<double> avg(f.block.bank().parameter_count(), 0.0);
+  for (std::size_t e = 0; e < 4; ++e)
+    for (std::size_t i = 0; i < avg.size(); ++i) avg[i] += 0.25 * f.block.bank()[e][i];
+  for (std::size_t b = 0; b < f.B; ++b)
+    CHECK(testing::relative_error(f.output(b), f.direct(b, avg)) < 1e-14);
+}
+
+TEST_CASE("merging: permuting the experts and router rows changes no output") {
+  fixture<3> f;
+  auto r = f.block.router().values();
+  rng gen{5};
+  for (auto& v : r) v = gen.normal();
+  f.block.forward(f.xs(), f.y);
+  const auto before = f.y;
+  const auto routing_before = std::vector<double>(f.block.routing().data, f.block.routing().data + f.B * 3);
+  const std::size_t perm[3] = {2, 0, 1};  // new expert i is old expert perm[i]
+  const std::size_t P = f.block.bank().parameter_count(), d = f.d;
+  const auto old_bank = std::vector<double>(f.block.bank().values().data, f.block.bank().values().data + 3 * P);
+  const auto old_router = std::vector<double>(r.begin(), r.end());
+  const std::size_t w_off = find_slot(f.block.router().layout(), "weight").offset;
+  const std::size_t b_off = find_slot(f.block.router().layout(), "bias").offset;
+  for (std::size_t i = 0; i < 3; ++i) {
+    std::copy_n(old_bank.begin() + static_cast<std::ptrdiff_t>(perm[i] * P), P, f.block.bank()[i].begin());
+    std::copy_n(old_router.begin() + static_cast<std::ptrdiff_t>(w_off + perm[i] * d), d,
+                r.begin() + static_cast<std::ptrdiff_t>(w_off + i * d));
+    r[b_off + i] = old_router[b_off + perm[i]];
+  }
+  f.block.forward(f.xs(), f.y);
+  CHECK(testing::relative_error(f.y, before) < 1e-14);
+  for (std::size_t b = 0; b < f.B; ++b)
+    for (std::size_t i = 0; i < 3; ++i)
+      CHECK(f.block.routing()(b, i) == doctest::Approx(routing_before[b * 3 + perm[i]]).epsilon(1e-14));
+}
+
+TEST_CASE("padding tokens change nothing") {
+  fixture<3> f;
+  f.block.forward(f.xs(), f.y);
+  const auto before = f.y;
+  const auto routing_before = std::vector<double>(f.block.routing().data, f.block.routing().data + f.B * 3);
+  for (std::size_t b = 0; b < f.B; ++b)
+    for (std::size_t t = static_cast<std::size_t>(f.lengths[b]); t < f.L; ++t)
+      for (std::size_t j = 0; j < f.d; ++j) f.x[(b * f.L + t) * f.d + j] = 1e3 * (1.0 + double(j));
+  f.block.forward(f.xs(), f.y);
+  CHECK(f.y == before);
+  CHECK(std::vector<double>(f.block.routing().data, f.block.routing().data + f.B * 3) == routing_before);
+  // and padding rows of the output are zero
+  CHECK(f.y[(1 * f.L + 2) * f.d] == 0.0);
+}
+
+TEST_CASE("N = 1 equals a plain adapter") {
+  fixture<1> f;
+  f.block.forward(f.xs(), f.y);
+  for (std::size_t b = 0; b < f.B; ++b) CHECK(f.output(b) == f.direct(b, f.block.bank()[0]));
+}
+
+TEST_CASE("a fresh block is close to the identity") {
+  layer<adapter<float>, 8> block{adapter<float>{32, 8}, {}, 3};
+  rng gen{1};
+  const auto x = random_vector<float>(2 * 5 * 32, gen);
+  std::vector<float> y(x.size());
+  block.forward(make_tokens<const float>(x.data(), 2, 5, 32), y);
+  CHECK(testing::relative_error(y, x) < 1e-3);
+  // and its routing is close to uniform
+  for (std::size_t e = 0; e < 8; ++e) CHECK(block.routing()(0, e) == doctest::Approx(0.125).epsilon(0.05));
+}
+
+TEST_CASE("the same seed gives the same layer and the same results") {
+  auto run = [] {
+    layer<adapter<float>, 4> block{adapter<float>{16, 4}, {.router = {.expert_dropout = 0.2}}, 77};
+    rng gen{3};
+    const auto x = random_vector<float>(3 * 4 * 16, gen);
+    std::vector<float> y(x.size()), dx(x.size());
+    block.forward(make_tokens<const float>(x.data(), 3, 4, 16), y);
+    block.backward(y, dx);
+    return std::make_pair(y, dx);
+  };
+  CHECK(run() == run());
+}
+
+TEST_CASE("errors name the operation and the shapes, before any work") {
+  using E = adapter<float>;
+  layer<E, 2> block{E{4, 2}, {}, 0};
+  std::vector<float> x(2 * 3 * 4, 0.5f), y(x.size()), dx(x.size());
+  std::vector<std::int32_t> lengths{3, 2};
+  auto xs = make_tokens<const float>(x.data(), 2, 3, 4, lengths);
+  auto throws_with = [](auto&& f, auto tag, const std::string& text) {
+    using Ex = decltype(tag);
+    try {
+      f();
+      FAIL("no exception, expected one mentioning: " << text);
+    } catch (const Ex& e) {
+      INFO(e.what());
+      CHECK(std::string(e.what()).find(text) != std::string::npos);
+    }
+  };
+  throws_with([&] { block.backward(y, dx); }, state_error{""}, "no forward");
+  throws_with([&] { block.forward(make_tokens<const float>(x.data(), 2, 4, 3), y); }, shape_error{""},
+              "x is [B, L, d] = [2, 4, 3], the experts expect d = 4");
+  throws_with([&] { block.forward(xs, std::span<float>(y).first(5)); }, shape_error{""},
+              "y has 5 values, expected [B, L, d_out] = [2, 3, 4]");
+  std::vector<std::int32_t> three{3, 3, 3};
+  throws_with([&] { block.forward(make_tokens<const float>(x.data(), 2, 3, 4, three), y); }, shape_error{""},
+              "lengths has 3 entries, expected B = 2");
+  std::vector<std::int32_t> empty_example{3, 0};
+  throws_with([&] { block.forward(make_tokens<const float>(x.data(), 2, 3, 4, empty_example), y); },
+              value_error{""}, "example 1 has length 0");
+  std::vector<std::int32_t> too_long{4, 1};
+  throws_with([&] { block.forward(make_tokens<const float>(x.data(), 2, 3, 4, too_long), y); }, value_error{""},
+              "example 0 has length 4, expected 1..L = 1..3");
+  throws_with([&] { block.forward(make_tokens<const float>(x.data(), 0, 3, 4), y); }, value_error{""},
+              "empty batch");
+  block.forward(xs, y);
+  throws_with([&] { block.backward(std::span<const float>(y).first(3), dx); }, shape_error{""},
+              "dy has 3 values");
+  throws_with([&] { block.backward(y, std::span<float>(dx).first(7)); }, shape_error{""}, "dx has 7 values");
+  block.backward(y, dx);
+  throws_with([&] { block.backward(y, dx); }, state_error{""}, "backward runs once per forward");
+
+  throws_with([] { layer<E, 2> b{E{4, 2}, {.router = {.temperature = 0.0}}}; }, value_error{""},
+              "temperature must be positive");
+  throws_with([] { layer<E, 2> b{E{4, 2}, {.router = {.temperature = -1.0}}}; }, value_error{""},
+              "temperature must be positive");
+  throws_with([] { layer<E, 2> b{E{4, 2}, {.router = {.expert_dropout = 1.0}}}; }, value_error{""},
+              "expert_dropout must be in [0, 1)");
+  throws_with([] { layer<linear<float>, 2> b{linear<float>{4, 3}, {.residual = true}}; }, value_error{""},
+              "residual needs input_dim == output_dim");
+  std::vector<std::uint8_t> mask{1, 1, 0, 1, 0, 1};
+  std::vector<std::int32_t> out(2);
+  throws_with([&] { mask_to_lengths(mask, 2, 3, out); }, value_error{""}, "example 1 has a valid token at 2");
+  throws_with([&] { mask_to_lengths(std::span(mask).first(5), 2, 3, out); }, shape_error{""},
+              "mask has 5 elements, expected [batch, length] = [2, 3]");
+  mask = {1, 1, 0, 1, 0, 0};
+  mask_to_lengths(mask, 2, 3, out);
+  CHECK(out == std::vector<std::int32_t>{2, 1});
+}
+
+TEST_CASE("non-finite values: propagated by default, reported in checked mode") {
+  using E = adapter<float>;
+  std::vector<float> x(2 * 2 * 4, 0.5f), y(x.size()), dx(x.size());
+  x[5] = std::numeric_limits<float>::quiet_NaN();
+  auto xs = make_tokens<const float>(x.data(), 2, 2, 4);
+  layer<E, 2> unchecked{E{4, 2}};
+  unchecked.forward(xs, y);
+  CHECK(std::isnan(y[5]));
+  layer<E, 2> checked{E{4, 2}, {.check_finite = true}};
+  try {
+    checked.forward(xs, y);
+    FAIL("expected numeric_error");
+  } catch (const numeric_error& e) {
+    CHECK(std::string(e.what()).find("x holds nan at flat index 5") != std::string::npos);
+  }
+  x[5] = 0.5f;
+  checked.forward(xs, y);
+  auto dy = y;
+  dy[3] = std::numeric_limits<float>::infinity();
+  CHECK_THROWS_WITH_AS(checked.backward(dy, dx), doctest::Contains("dy holds inf at flat index 3"),
+                       numeric_error);
+}
