@@ -77,7 +77,7 @@ class layer {
   /// dimensions differ.
   explicit layer(Expert prototype, layer_options options = {}, std::uint64_t seed = 0)
       : bank_(std::move(prototype)),
-        router_(bank_.expert().input_dim(), options.router, seed ^ 0x5EED0F5EA4ull),
+        router_(bank_.expert().input_dim(), N, options.router, seed ^ 0x5EED0F5EA4ull),
         opt_(options),
         residual_(options.residual.value_or(is_residual_expert<Expert>)),
         gen_(seed) {
@@ -97,8 +97,8 @@ class layer {
 
   expert_bank<Expert, N>& bank() noexcept { return bank_; }
   const expert_bank<Expert, N>& bank() const noexcept { return bank_; }
-  smear::router<T, N>& router() noexcept { return router_; }
-  const smear::router<T, N>& router() const noexcept { return router_; }
+  smear::router<T>& router() noexcept { return router_; }
+  const smear::router<T>& router() const noexcept { return router_; }
 
   /// Restarts the generator behind expert dropout (and any other sampling) from `seed`.
   void reseed(std::uint64_t seed) noexcept { gen_ = rng{seed}; }
@@ -264,7 +264,7 @@ class layer {
   }
 
   expert_bank<Expert, N> bank_;
-  smear::router<T, N> router_;
+  smear::router<T> router_;
   layer_options opt_;
   bool residual_;
   bool training_ = true;

@@ -54,22 +54,26 @@ inline void validate(const router_options& o) {
 /// Routes each example of a batch to a distribution over N experts.
 ///
 /// Parameters, one contiguous vector: `layer_norm.weight` [d] and `layer_norm.bias` [d] (only
-/// with layer_norm), `weight` [N, d], `bias` [N].
-template <class T, std::size_t N>
+/// with layer_norm), `weight` [K, d], `bias` [K], for K outputs (one per expert for softmax
+/// routing; DSelect-k uses ⌈log₂ N⌉ gate logits).
+template <class T>
 class router {
  public:
   using value_type = T;
 
   /// Router over `dim`-dimensional tokens, its weight drawn from a generator seeded with `seed`.
   /// Throws value_error for a zero `dim` or an option outside its domain.
-  explicit router(std::size_t dim, router_options options = {}, std::uint64_t seed = 0)
-      : d_(dim), opt_(options) {
+  explicit router(std::size_t dim, std::size_t outputs, router_options options = {},
+                  std::uint64_t seed = 0)
+      : d_(dim), k_(outputs), opt_(options) {
     validate(opt_);
-    if (d_ == 0) throw value_error("router: input dimension must be positive");
+    if (d_ == 0 || k_ == 0)
+      throw value_error(detail::message("router: dimensions must be positive, got dim = ", d_,
+                                        ", outputs = ", k_));
     layout_builder b;
     if (opt_.layer_norm)
       b.add("layer_norm.weight", {d_}, init_rule::ones()).add("layer_norm.bias", {d_}, init_rule::zeros());
-    b.add("weight", {N, d_}, init_rule::normal(opt_.init_std)).add("bias", {N}, init_rule::zeros());
+    b.add("weight", {k_, d_}, init_rule::normal(opt_.init_std)).add("bias", {k_}, init_rule::zeros());
     layout_ = b.build();
     values_.assign(layout_size(layout_), T(0));
     grads_.assign(values_.size(), T(0));
@@ -78,6 +82,7 @@ class router {
   }
 
   std::size_t input_dim() const noexcept { return d_; }
+  std::size_t outputs() const noexcept { return k_; }
   const router_options& options() const noexcept { return opt_; }
   const parameter_layout& layout() const noexcept { return layout_; }
   std::span<T> values() noexcept { return values_; }
@@ -97,11 +102,11 @@ class router {
   }
 
   /// Routing probabilities of the last forward, after dropout: [B, N].
-  matrix_ref<const T> probabilities() const noexcept { return {used_.data(), batch_, N}; }
+  matrix_ref<const T> probabilities() const noexcept { return {used_.data(), batch_, k_}; }
   /// Softmax before dropout: [B, N].
-  matrix_ref<const T> softmax() const noexcept { return {soft_.data(), batch_, N}; }
+  matrix_ref<const T> softmax() const noexcept { return {soft_.data(), batch_, k_}; }
   /// Logits z (before the temperature): [B, N].
-  matrix_ref<const T> logits() const noexcept { return {logits_.data(), batch_, N}; }
+  matrix_ref<const T> logits() const noexcept { return {logits_.data(), batch_, k_}; }
 
   /// Bytes held by the router's per-batch buffers.
   std::size_t workspace_bytes() const noexcept {
@@ -145,6 +150,7 @@ class router {
       }
     }
     // logits z = f·Wᵀ + c, softmax(z / τ)
+    const std::size_t N = k_;
     matrix_ref<T> z{logits_.data(), B, N};
     backend::gemm<T>(be, false, true, T(1), features(), weight(), T(0), z);
     const T inv_t = static_cast<T>(1.0 / opt_.temperature);
@@ -176,11 +182,11 @@ class router {
     }
   }
 
-  /// Given ∂ℓ/∂p ([B, N], for the probabilities of the last forward), accumulates the
+  /// Given ∂ℓ/∂p ([B, K], for the probabilities of the last forward), accumulates the
   /// router's parameter gradients and, unless detached, adds ∂ℓ/∂x into `dx`.
   template <class Backend>
   void backward(Backend be, matrix_ref<const T> dprobs, tokens<T> dx) {
-    const std::size_t B = batch_;
+    const std::size_t B = batch_, N = k_;
     const T inv_t = static_cast<T>(1.0 / opt_.temperature);
     for (std::size_t b = 0; b < B; ++b) {
       const T* g = dprobs.data + b * dprobs.stride;
@@ -189,14 +195,21 @@ class router {
       const T* kb = keep_.data() + b * N;
       T gu = 0;  // ⟨g, p_used⟩
       for (std::size_t e = 0; e < N; ++e) gu += g[e] * ub[e];
-      T dsoft[N];
-      for (std::size_t e = 0; e < N; ++e) dsoft[e] = kb[e] / kept_[b] * (g[e] - gu);
-      T gp = 0;  // ⟨dsoft, p⟩
-      for (std::size_t e = 0; e < N; ++e) gp += dsoft[e] * pb[e];
+      T gp = 0;  // ⟨∂ℓ/∂p_soft, p_soft⟩, with ∂ℓ/∂p_soft = keep / kept ⊙ (g − gu)
+      for (std::size_t e = 0; e < N; ++e) gp += kb[e] / kept_[b] * (g[e] - gu) * pb[e];
       T* dz = dlogits_.data() + b * N;
-      for (std::size_t e = 0; e < N; ++e) dz[e] = pb[e] * (dsoft[e] - gp) * inv_t;
+      for (std::size_t e = 0; e < N; ++e) dz[e] = pb[e] * (kb[e] / kept_[b] * (g[e] - gu) - gp) * inv_t;
     }
-    matrix_ref<const T> dz{dlogits_.data(), B, N};
+    backward_logits(be, matrix_ref<const T>{dlogits_.data(), B, N}, dx);
+  }
+
+  /// Given ∂ℓ/∂z ([B, K], for the logits of the last forward), accumulates the router's
+  /// parameter gradients and, unless detached, adds ∂ℓ/∂x into `dx`. `dz` may alias no buffer
+  /// of the router's except logit_gradients().
+  template <class Backend>
+  void backward_logits(Backend be, matrix_ref<const T> dz, tokens<T> dx) {
+    const std::size_t B = batch_, N = k_;
+
     // dW += dZᵀ·F, dc += Σ dZ, dF = dZ·W
     backend::gemm<T>(be, true, false, T(1), dz, features(), T(1), weight_grad());
     for (std::size_t b = 0; b < B; ++b)
@@ -235,8 +248,12 @@ class router {
     });
   }
 
+  /// A [B, K] scratch matrix for strategies that compute ∂ℓ/∂z themselves.
+  matrix_ref<T> logit_gradients() noexcept { return {dlogits_.data(), batch_, k_}; }
+
  private:
   void reserve(std::size_t B) {
+    const std::size_t N = k_;
     batch_ = B;
     pooled_.resize(B * d_);
     if (opt_.layer_norm) {
@@ -253,15 +270,20 @@ class router {
     dfeatures_.resize(B * d_);
   }
   std::size_t weight_offset() const noexcept { return opt_.layer_norm ? 2 * d_ : 0; }
-  matrix_ref<const T> weight() const { return {values_.data() + weight_offset(), N, d_}; }
-  matrix_ref<T> weight_grad() { return {grads_.data() + weight_offset(), N, d_}; }
-  const T* bias() const { return values_.data() + weight_offset() + N * d_; }
-  T* bias_grad() { return grads_.data() + weight_offset() + N * d_; }
+  matrix_ref<const T> weight() const { return {values_.data() + weight_offset(), k_, d_}; }
+  matrix_ref<T> weight_grad() { return {grads_.data() + weight_offset(), k_, d_}; }
+  const T* bias() const { return values_.data() + weight_offset() + k_ * d_; }
+  T* bias_grad() { return grads_.data() + weight_offset() + k_ * d_; }
+
+ public:
+  /// What the linear map reads: the pooled input after the LayerNorm, [B, d].
   matrix_ref<const T> features() const {
     return {opt_.layer_norm ? features_.data() : pooled_.data(), batch_, d_};
   }
 
+ private:
   std::size_t d_;
+  std::size_t k_;
   router_options opt_;
   parameter_layout layout_;
   std::vector<T> values_, grads_;
