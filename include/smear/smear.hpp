@@ -15,6 +15,7 @@
 #include "smear/experts/adapter.hpp"
 #include "smear/experts/lora.hpp"
 #include "smear/experts/linear.hpp"
+#include "smear/experts/conv_adapter.hpp"
 #include "smear/experts/archetypes.hpp"
 #include "smear/bank.hpp"
 #include "smear/routing/router.hpp"
