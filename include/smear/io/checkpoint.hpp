@@ -1,0 +1,273 @@
+#pragma once
+/// \file io/checkpoint.hpp
+/// Saving and loading expert banks, routers and whole SMEAR layers as safetensors files.
+///
+/// Naming scheme (one tensor per layout slot, never one per expert):
+///
+///     <prefix>experts.<slot>   shape [N, <slot shape>...]  the slot of every expert, expert e
+///                                                          at index e of the leading axis
+///     <prefix>router.<slot>    shape <slot shape>          the router's tensors
+///
+/// where the slots are those of the bank's and the router's layout(): for a layer of 8
+/// `adapter<float>{768, 24}` experts saved with prefix "block.3.":
+///
+///     block.3.experts.down.weight        [8, 768, 24]
+///     block.3.experts.down.bias          [8, 24]
+///     block.3.experts.up.weight          [8, 24, 768]
+///     block.3.router.layer_norm.weight   [768]
+///     block.3.router.layer_norm.bias     [768]
+///     block.3.router.weight              [8, 768]
+///     block.3.router.bias                [8]
+///
+/// In PyTorch these are `torch.stack([e.down.weight for e in experts])` etc.; beware that
+/// `nn.Linear.weight` is [out, in] while the adapter's `down.weight` is [in, out].
+///
+/// Values are stored as the layer's T (F32 for float, F64 for double) unless save_options
+/// asks for another dtype; loading converts F16, BF16, F32 and F64 to T. A `name_map` passed
+/// to load() turns each of smear's names into the name to look up in the file, for files
+/// that follow another scheme.
+///
+/// Loading checks every tensor it needs (present, floating-point, of exactly the expected
+/// shape) and converts it into temporaries before it changes anything: on an io_error the
+/// bank, router or layer is left exactly as it was. Gradients are not touched.
+///
+/// Link the `smear::io` CMake target (it adds nlohmann/json).
+
+#include <cstddef>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "smear/bank.hpp"
+#include "smear/error.hpp"
+#include "smear/io/safetensors.hpp"
+#include "smear/layer.hpp"
+#include "smear/layout.hpp"
+#include "smear/routing/router.hpp"
+#include "smear/version.hpp"
+
+namespace smear {
+
+/// Turns one of smear's tensor names (prefix included) into the name used in a file.
+using name_map = std::function<std::string(std::string_view)>;
+
+/// How save() writes a checkpoint.
+struct save_options {
+  std::optional<smear::dtype> dtype{};          ///< stored dtype; default: the layer's T as is
+  std::map<std::string, std::string> metadata{};///< extra `__metadata__` entries
+};
+
+namespace detail {
+
+/// A copy of a tensor's new values, waiting to be committed.
+template <class T>
+struct staged_values {
+  std::span<T> destination;
+  std::vector<T> values;
+};
+
+inline std::string mapped(const name_map& map, const std::string& name) {
+  return map ? map(name) : name;
+}
+
+/// Reads the tensor that stands for `name` into `out` after checking its shape.
+template <class T>
+void read_checked(const safetensors_file& file, const std::string& name, const name_map& map,
+                  const std::vector<std::size_t>& shape, const char* needed_by, std::span<T> out) {
+  const std::string in_file = mapped(map, name);
+  const auto* t = file.find(in_file);
+  const std::string called = in_file == name ? "'" + name + "'" : "'" + in_file + "' (for '" + name + "')";
+  if (!t)
+    throw io_error(message("smear::load: '", file.name(), "' has no tensor ", called, ", which ", needed_by,
+                           " needs with shape ", shape_string(shape)));
+  if (!is_floating(t->type))
+    throw io_error(message("smear::load: '", file.name(), "': tensor ", called, " has dtype ", to_string(t->type),
+                           "; smear reads F16, BF16, F32 and F64"));
+  if (t->shape != shape)
+    throw io_error(message("smear::load: '", file.name(), "': tensor ", called, " has shape ",
+                           shape_string(t->shape), ", ", needed_by, " needs ", shape_string(shape)));
+  file.read(t->name, out);
+}
+
+/// Stages the bank's values read from `file`.
+template <class Expert, std::size_t N>
+staged_values<typename Expert::value_type> stage(const safetensors_file& file, expert_bank<Expert, N>& bank,
+                                                 std::string_view prefix, const name_map& map) {
+  using T = typename Expert::value_type;
+  auto dst = bank.values();
+  const std::size_t P = bank.parameter_count();
+  staged_values<T> out{{dst.data, N * P}, std::vector<T>(N * P)};
+  std::vector<T> slot_values;
+  for (const auto& s : bank.layout()) {
+    std::vector<std::size_t> shape{N};
+    shape.insert(shape.end(), s.shape.begin(), s.shape.end());
+    slot_values.resize(N * s.size());
+    read_checked(file, std::string(prefix) + "experts." + s.name, map, shape, "the expert bank",
+                 std::span<T>(slot_values));
+    for (std::size_t e = 0; e < N; ++e)
+      std::copy_n(slot_values.begin() + static_cast<std::ptrdiff_t>(e * s.size()), s.size(),
+                  out.values.begin() + static_cast<std::ptrdiff_t>(e * P + s.offset));
+  }
+  return out;
+}
+
+/// Stages the router's values read from `file`.
+template <class T>
+staged_values<T> stage(const safetensors_file& file, router<T>& r, std::string_view prefix, const name_map& map) {
+  staged_values<T> out{r.values(), std::vector<T>(r.values().size())};
+  for (const auto& s : r.layout())
+    read_checked(file, std::string(prefix) + "router." + s.name, map, s.shape, "the router",
+                 std::span<T>(out.values).subspan(s.offset, s.size()));
+  return out;
+}
+
+template <class T>
+void commit(const staged_values<T>& s) noexcept {
+  std::copy(s.values.begin(), s.values.end(), s.destination.begin());
+}
+
+inline void add_metadata(safetensors_writer& out, const save_options& options) {
+  out.metadata("format", "pt");
+  out.metadata("smear.version", std::to_string(SMEAR_VERSION_MAJOR) + "." + std::to_string(SMEAR_VERSION_MINOR) +
+                                    "." + std::to_string(SMEAR_VERSION_PATCH));
+  for (const auto& [k, v] : options.metadata) out.metadata(k, v);
+}
+
+}  // namespace detail
+
+// ---- adding to a writer (several banks, routers or layers in one file) ----
+
+/// Adds the bank's tensors, `<prefix>experts.<slot>` [N, ...], to `out`.
+template <class Expert, std::size_t N>
+void add(safetensors_writer& out, const expert_bank<Expert, N>& bank, std::string_view prefix = "",
+         std::optional<dtype> as = std::nullopt) {
+  using T = typename Expert::value_type;
+  const auto values = bank.values();
+  std::vector<T> slot_values;
+  for (const auto& s : bank.layout()) {
+    slot_values.resize(N * s.size());
+    for (std::size_t e = 0; e < N; ++e) {
+      const auto row = values.row(e).subspan(s.offset, s.size());
+      std::copy(row.begin(), row.end(), slot_values.begin() + static_cast<std::ptrdiff_t>(e * s.size()));
+    }
+    std::vector<std::size_t> shape{N};
+    shape.insert(shape.end(), s.shape.begin(), s.shape.end());
+    out.add(std::string(prefix) + "experts." + s.name, std::span<const T>(slot_values), std::move(shape), as);
+  }
+}
+
+/// Adds the router's tensors, `<prefix>router.<slot>`, to `out`.
+template <class T>
+void add(safetensors_writer& out, const router<T>& r, std::string_view prefix = "",
+         std::optional<dtype> as = std::nullopt) {
+  for (const auto& s : r.layout())
+    out.add(std::string(prefix) + "router." + s.name, r.values().subspan(s.offset, s.size()), s.shape, as);
+}
+
+/// Adds the layer's bank and router to `out`.
+template <class Expert, std::size_t N, class Backend>
+void add(safetensors_writer& out, const layer<Expert, N, Backend>& l, std::string_view prefix = "",
+         std::optional<dtype> as = std::nullopt) {
+  add(out, l.bank(), prefix, as);
+  add(out, l.router(), prefix, as);
+}
+
+// ---- loading from an open file (several banks, routers or layers in one file) ----
+
+/// Loads the bank from `file` (see the naming scheme above); all or nothing.
+template <class Expert, std::size_t N>
+void load(const safetensors_file& file, expert_bank<Expert, N>& bank, std::string_view prefix = "",
+          const name_map& map = {}) {
+  detail::commit(detail::stage(file, bank, prefix, map));
+}
+
+/// Loads the router from `file`; all or nothing.
+template <class T>
+void load(const safetensors_file& file, router<T>& r, std::string_view prefix = "", const name_map& map = {}) {
+  detail::commit(detail::stage(file, r, prefix, map));
+}
+
+/// Loads the layer's bank and router from `file`; all or nothing.
+template <class Expert, std::size_t N, class Backend>
+void load(const safetensors_file& file, layer<Expert, N, Backend>& l, std::string_view prefix = "",
+          const name_map& map = {}) {
+  auto experts = detail::stage(file, l.bank(), prefix, map);
+  auto routing = detail::stage(file, l.router(), prefix, map);
+  detail::commit(experts);
+  detail::commit(routing);
+}
+
+// ---- one object per file ----
+
+namespace detail {
+template <class Object>
+void save_one(const std::filesystem::path& path, const Object& object, std::string_view prefix,
+              const save_options& options) {
+  safetensors_writer out;
+  add_metadata(out, options);
+  add(out, object, prefix, options.dtype);
+  out.save(path);
+}
+}  // namespace detail
+
+/// Saves the layer as the safetensors file `path`, atomically (see safetensors_writer::save).
+/// `__metadata__` gets "format": "pt" (so PyTorch's `safetensors.torch.load_file` accepts it),
+/// "smear.version" and options.metadata.
+///
+/// Example: `smear::save("block.safetensors", block, "block.0.");`
+template <class Expert, std::size_t N, class Backend>
+void save(const std::filesystem::path& path, const layer<Expert, N, Backend>& l, std::string_view prefix = "",
+          const save_options& options = {}) {
+  detail::save_one(path, l, prefix, options);
+}
+
+/// Saves the bank as the safetensors file `path`, atomically.
+template <class Expert, std::size_t N>
+void save(const std::filesystem::path& path, const expert_bank<Expert, N>& bank, std::string_view prefix = "",
+          const save_options& options = {}) {
+  detail::save_one(path, bank, prefix, options);
+}
+
+/// Saves the router as the safetensors file `path`, atomically.
+template <class T>
+void save(const std::filesystem::path& path, const router<T>& r, std::string_view prefix = "",
+          const save_options& options = {}) {
+  detail::save_one(path, r, prefix, options);
+}
+
+/// Loads the layer from the safetensors file `path`; all or nothing.
+///
+/// Example:
+/// ```
+/// smear::load("block.safetensors", block, "block.0.");
+/// // a file whose experts are called "adapters.<slot>":
+/// smear::load("other.safetensors", block, "", [](std::string_view n) {
+///   std::string s(n);
+///   return s.starts_with("experts.") ? "adapters." + s.substr(8) : s;
+/// });
+/// ```
+template <class Expert, std::size_t N, class Backend>
+void load(const std::filesystem::path& path, layer<Expert, N, Backend>& l, std::string_view prefix = "",
+          const name_map& map = {}) {
+  load(safetensors_file::open(path), l, prefix, map);
+}
+
+/// Loads the bank from the safetensors file `path`; all or nothing.
+template <class Expert, std::size_t N>
+void load(const std::filesystem::path& path, expert_bank<Expert, N>& bank, std::string_view prefix = "",
+          const name_map& map = {}) {
+  load(safetensors_file::open(path), bank, prefix, map);
+}
+
+/// Loads the router from the safetensors file `path`; all or nothing.
+template <class T>
+void load(const std::filesystem::path& path, router<T>& r, std::string_view prefix = "", const name_map& map = {}) {
+  load(safetensors_file::open(path), r, prefix, map);
+}
+
+}  // namespace smear

@@ -1,0 +1,264 @@
+// Checkpoints of banks, routers and layers: the naming scheme, bit-exact round trips, reduced
+// precision, name maps, several layers per file, and all-or-nothing loading.
+
+#include <doctest/doctest.h>
+
+#include <smear/io/checkpoint.hpp>
+#include <smear/smear.hpp>
+
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "../support/testing.hpp"
+
+using namespace smear;
+namespace fs = std::filesystem;
+
+namespace {
+
+fs::path scratch(const std::string& name) {
+  fs::path dir = fs::path(SMEAR_IO_TEST_DIR) / "checkpoint";
+  fs::create_directories(dir);
+  return dir / name;
+}
+
+template <class A, class B>
+bool same_bits(const A& a, const B& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0;
+}
+
+template <class T>
+std::vector<T> flat(matrix_ref<const T> m) {
+  std::vector<T> out;
+  for (std::size_t i = 0; i < m.rows; ++i) out.insert(out.end(), m.row(i).begin(), m.row(i).end());
+  return out;
+}
+
+template <class L>
+std::vector<typename L::value_type> bank_values(const L& l) {
+  return flat<typename L::value_type>(l.bank().values());
+}
+
+template <class L>
+std::vector<typename L::value_type> router_values(const L& l) {
+  auto v = l.router().values();
+  return {v.begin(), v.end()};
+}
+
+/// Random values everywhere, so a load that misses a slot or an expert shows.
+template <class L>
+void randomise(L& l, std::uint64_t seed) {
+  rng gen{seed};
+  auto b = l.bank().values();
+  for (std::size_t i = 0; i < b.rows; ++i)
+    for (auto& v : b.row(i)) v = static_cast<typename L::value_type>(gen.normal());
+  for (auto& v : l.router().values()) v = static_cast<typename L::value_type>(gen.normal());
+}
+
+}  // namespace
+
+TEST_CASE("a layer's checkpoint follows the documented names and shapes") {
+  using E = adapter<float>;
+  layer<E, 4> block{E{6, 3}, {}, 1};
+  randomise(block, 2);
+  const auto path = scratch("names.safetensors");
+  save(path, block, "block.3.");
+  const auto file = safetensors_file::open(path);
+  std::vector<std::pair<std::string, std::vector<std::size_t>>> expected{
+      {"block.3.experts.down.weight", {4, 6, 3}},
+      {"block.3.experts.down.bias", {4, 3}},
+      {"block.3.experts.up.weight", {4, 3, 6}},
+      {"block.3.router.layer_norm.weight", {6}},
+      {"block.3.router.layer_norm.bias", {6}},
+      {"block.3.router.weight", {4, 6}},
+      {"block.3.router.bias", {4}},
+  };
+  REQUIRE(file.tensors().size() == expected.size());
+  for (std::size_t i = 0; i < expected.size(); ++i) {
+    CAPTURE(expected[i].first);
+    CHECK(file.tensors()[i].name == expected[i].first);
+    CHECK(file.tensors()[i].shape == expected[i].second);
+    CHECK(file.tensors()[i].type == dtype::f32);
+  }
+  CHECK(file.metadata().at("format") == "pt");
+  CHECK(file.metadata().at("smear.version") == "0.1.0");
+  // expert e's slot is row e of the stacked tensor
+  const auto up = file.read<float>("block.3.experts.up.weight");
+  for (std::size_t e = 0; e < 4; ++e) {
+    const auto mine = block.bank().tensor(e, "up.weight");
+    CHECK(same_bits(std::span<const float>(up).subspan(e * 18, 18), mine));
+  }
+  CHECK(same_bits(file.read<float>("block.3.router.weight"),
+                  block.router().values().subspan(12, 24)));
+}
+
+TEST_CASE_TEMPLATE("save then load gives identical bits and identical outputs", T, float, double) {
+  using E = adapter<T>;
+  const E proto{5, 2, {.up_bias = true}};
+  layer<E, 3> saved{proto, {}, 7};
+  randomise(saved, 8);
+  const auto path = scratch("roundtrip.safetensors");
+  save(path, saved);
+  layer<E, 3> loaded{proto, {}, 99};
+  CHECK_FALSE(same_bits(bank_values(loaded), bank_values(saved)));
+  load(path, loaded);
+  CHECK(same_bits(bank_values(loaded), bank_values(saved)));
+  CHECK(same_bits(router_values(loaded), router_values(saved)));
+  CHECK(safetensors_file::open(path).at("experts.down.weight").type == native_dtype<T>);
+
+  rng gen{3};
+  const std::size_t B = 2, L = 4;
+  auto x = smear::testing::random_vector<T>(B * L * 5, gen);
+  std::vector<T> y1(x.size()), y2(x.size());
+  saved.train(false);
+  loaded.train(false);
+  saved.forward(make_tokens<const T>(x.data(), B, L, 5), y1);
+  loaded.forward(make_tokens<const T>(x.data(), B, L, 5), y2);
+  CHECK(same_bits(y1, y2));
+}
+
+TEST_CASE("banks and routers save and load on their own; several layers share a file") {
+  using E = linear<double>;
+  layer<E, 2> a{E{3, 4}, {}, 1}, b{E{3, 4}, {.router = {.layer_norm = false}}, 2};
+  randomise(a, 10);
+  randomise(b, 11);
+  const auto bank_path = scratch("bank.safetensors");
+  const auto router_path = scratch("router.safetensors");
+  save(bank_path, a.bank(), "enc.");
+  save(router_path, a.router());
+  layer<E, 2> c{E{3, 4}, {}, 5};
+  load(bank_path, c.bank(), "enc.");
+  load(router_path, c.router());
+  CHECK(same_bits(bank_values(c), bank_values(a)));
+  CHECK(same_bits(router_values(c), router_values(a)));
+
+  safetensors_writer out;
+  add(out, a, "blocks.0.");
+  add(out, b, "blocks.1.", dtype::f32);
+  const auto both = scratch("both.safetensors");
+  out.save(both);
+  const auto file = safetensors_file::open(both);
+  layer<E, 2> a2{E{3, 4}, {}, 20}, b2{E{3, 4}, {.router = {.layer_norm = false}}, 21};
+  load(file, a2, "blocks.0.");
+  load(file, b2, "blocks.1.");
+  CHECK(same_bits(bank_values(a2), bank_values(a)));
+  CHECK(smear::testing::relative_error(bank_values(b2), bank_values(b)) < 1e-7);  // through F32
+  CHECK_FALSE(file.contains("blocks.1.router.layer_norm.weight"));
+}
+
+TEST_CASE("reduced precision: saved as F16 or BF16, converted on load, stable on re-save") {
+  using E = adapter<float>;
+  layer<E, 2> block{E{4, 2}, {}, 1};
+  randomise(block, 4);
+  for (dtype type : {dtype::f16, dtype::bf16}) {
+    CAPTURE(to_string(type));
+    const auto path = scratch("half.safetensors");
+    save(path, block, "", {.dtype = type, .metadata = {{"note", "reduced"}}});
+    const auto file = safetensors_file::open(path);
+    CHECK(file.at("experts.down.weight").type == type);
+    CHECK(file.metadata().at("note") == "reduced");
+    layer<E, 2> loaded{E{4, 2}, {}, 2};
+    load(file, loaded);
+    // each value is the nearest representable one
+    const auto orig = bank_values(block), got = bank_values(loaded);
+    for (std::size_t i = 0; i < orig.size(); ++i) {
+      const double expect = type == dtype::f16
+                                ? detail::decode_small_float<5, 10>(detail::encode_small_float<5, 10>(orig[i]))
+                                : detail::decode_small_float<8, 7>(detail::encode_small_float<8, 7>(orig[i]));
+      REQUIRE(static_cast<double>(got[i]) == expect);
+    }
+    const auto again = scratch("half_again.safetensors");
+    save(again, loaded, "", {.dtype = type, .metadata = {{"note", "reduced"}}});
+    std::ifstream f1(path, std::ios::binary), f2(again, std::ios::binary);
+    const std::string s1{std::istreambuf_iterator<char>(f1), {}}, s2{std::istreambuf_iterator<char>(f2), {}};
+    CHECK(s1 == s2);
+  }
+}
+
+TEST_CASE("a name map loads files that follow another naming scheme") {
+  using E = adapter<float>;
+  layer<E, 2> block{E{4, 2}, {}, 1};
+  randomise(block, 5);
+  // a file with "adapters.<slot>" and "gate.<slot>" instead of "experts." and "router."
+  safetensors_writer out;
+  safetensors_writer plain;
+  add(plain, block);
+  const auto plain_file = safetensors_file::parse(plain.serialize());
+  for (const auto& t : plain_file.tensors()) {
+    std::string n = t.name;
+    n = n.starts_with("experts.") ? "adapters." + n.substr(8) : "gate." + n.substr(7);
+    const auto v = plain_file.read<float>(t.name);
+    out.add(n, std::span<const float>(v), t.shape);
+  }
+  const auto path = scratch("renamed.safetensors");
+  out.save(path);
+  layer<E, 2> loaded{E{4, 2}, {}, 2};
+  CHECK_THROWS_WITH_AS(load(path, loaded), doctest::Contains("has no tensor 'experts.down.weight'"), io_error);
+  load(path, loaded, "", [](std::string_view name) {
+    std::string s(name);
+    return s.starts_with("experts.") ? "adapters." + s.substr(8) : "gate." + s.substr(7);
+  });
+  CHECK(same_bits(bank_values(loaded), bank_values(block)));
+  CHECK(same_bits(router_values(loaded), router_values(block)));
+}
+
+TEST_CASE("a failed load names the file and the tensor and changes nothing") {
+  using E = adapter<float>;
+  layer<E, 3> block{E{4, 2}, {}, 1};
+  randomise(block, 6);
+  const auto before_bank = bank_values(block), before_router = router_values(block);
+  const auto path = scratch("wrong.safetensors");
+
+  // the experts are fine, the router weight has the wrong shape: nothing may be loaded
+  layer<E, 3> other{E{4, 2}, {}, 9};
+  randomise(other, 7);
+  safetensors_writer out;
+  add(out, other.bank());
+  for (const auto& s : other.router().layout()) {
+    auto v = other.router().values().subspan(s.offset, s.size());
+    std::vector<std::size_t> shape = s.shape;
+    if (s.name == "weight") shape = {s.shape[1], s.shape[0]};
+    out.add("router." + s.name, std::span<const float>(v), shape);
+  }
+  out.save(path);
+  CHECK_THROWS_WITH_AS(load(path, block), doctest::Contains("wrong.safetensors"), io_error);
+  CHECK_THROWS_WITH_AS(load(path, block), doctest::Contains("tensor 'router.weight' has shape [4, 3], the router needs [3, 4]"),
+                       io_error);
+  CHECK(same_bits(bank_values(block), before_bank));
+  CHECK(same_bits(router_values(block), before_router));
+
+  // a missing tensor: the router file lacks the experts
+  const auto router_only = scratch("router_only.safetensors");
+  save(router_only, other.router());
+  CHECK_THROWS_WITH_AS(load(router_only, block),
+                       doctest::Contains("has no tensor 'experts.down.weight', which the expert bank needs with shape [3, 4, 2]"),
+                       io_error);
+  CHECK(same_bits(bank_values(block), before_bank));
+
+  // another expert count
+  layer<E, 2> two{E{4, 2}, {}, 1};
+  const auto two_path = scratch("two.safetensors");
+  save(two_path, two);
+  CHECK_THROWS_WITH_AS(load(two_path, block), doctest::Contains("has shape [2, 4, 2], the expert bank needs [3, 4, 2]"),
+                       io_error);
+  CHECK(same_bits(bank_values(block), before_bank));
+  CHECK(same_bits(router_values(block), before_router));
+
+  // a non-float dtype
+  safetensors_writer ints;
+  const std::vector<float> v(4);
+  ints.add("x", std::span<const float>(v), {4});
+  auto bytes = ints.serialize();
+  const std::string text(bytes.begin() + 8, bytes.end() - 16);
+  const auto at = text.find("F32");
+  bytes[8 + at] = 'I';  // "I32"
+  const auto ints_file = safetensors_file::parse(bytes, "ints.safetensors");
+  linear<float> lin{2, 2};
+  expert_bank<linear<float>, 1> bank{lin};
+  (void)ints_file;
+  CHECK_THROWS_WITH_AS(load(safetensors_file::parse(bytes, "ints.safetensors"), bank, "",
+                            [](std::string_view) { return std::string("x"); }),
+                       doctest::Contains("has dtype I32"), io_error);
+}

@@ -1,0 +1,359 @@
+// The safetensors reader and writer: dtype conversions against independent computations,
+// bit-exact round trips for every dtype, a file written byte by byte from the format's
+// description, hostile files (each must give an io_error naming the file, never a crash) and
+// atomic saving.
+
+#include <doctest/doctest.h>
+
+#include <smear/io/safetensors.hpp>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "smear/random.hpp"
+
+using namespace smear;
+namespace fs = std::filesystem;
+
+namespace {
+
+using bytes_t = std::vector<unsigned char>;
+
+/// A file made by hand: the 8-byte length, the header text as given, then `data`.
+bytes_t make_file(const std::string& header, const bytes_t& data = {}) {
+  bytes_t out(8 + header.size() + data.size());
+  detail::store_le(out.data(), header.size(), 8);
+  std::copy(header.begin(), header.end(), out.begin() + 8);
+  std::copy(data.begin(), data.end(), out.begin() + 8 + static_cast<std::ptrdiff_t>(header.size()));
+  return out;
+}
+
+double half_value(std::uint16_t b) { return detail::decode_small_float<5, 10>(b); }
+double bf16_value(std::uint16_t b) { return detail::decode_small_float<8, 7>(b); }
+
+/// The bits of the nearest bfloat16 to a float by the usual integer trick (ties to even).
+std::uint16_t bf16_by_bits(float f) {
+  const auto u = std::bit_cast<std::uint32_t>(f);
+  return static_cast<std::uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+fs::path scratch(const std::string& name) {
+  fs::path dir = fs::path(SMEAR_IO_TEST_DIR) / "safetensors";
+  fs::create_directories(dir);
+  return dir / name;
+}
+
+std::size_t leftovers(const fs::path& dir) {
+  std::size_t n = 0;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.path().filename().string().find(".tmp-") != std::string::npos) ++n;
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("dtype names and sizes follow the format") {
+  CHECK(to_string(dtype::bf16) == "BF16");
+  CHECK(parse_dtype("F64") == dtype::f64);
+  CHECK(parse_dtype("F8_E4M3") == dtype::f8_e4m3);
+  CHECK_FALSE(parse_dtype("f32").has_value());
+  CHECK_FALSE(parse_dtype("F17").has_value());
+  CHECK(dtype_size(dtype::f16) == 2);
+  CHECK(dtype_size(dtype::i64) == 8);
+  CHECK(dtype_size(dtype::boolean) == 1);
+}
+
+TEST_CASE("float16 and bfloat16 decode to the IEEE values") {
+  CHECK(half_value(0x3C00) == 1.0);
+  CHECK(half_value(0xC000) == -2.0);
+  CHECK(half_value(0x7BFF) == 65504.0);
+  CHECK(half_value(0x0001) == std::ldexp(1.0, -24));
+  CHECK(half_value(0x0400) == std::ldexp(1.0, -14));
+  CHECK(half_value(0x3555) == 0x155 * std::ldexp(1.0, -10 - 2) + 0.25);  // nearest to 1/3
+  CHECK(std::isinf(half_value(0xFC00)));
+  CHECK(half_value(0xFC00) < 0);
+  CHECK(std::isnan(half_value(0x7E00)));
+  CHECK(std::signbit(half_value(0x8000)));
+  CHECK(bf16_value(0x3F80) == 1.0);
+  CHECK(bf16_value(0x4049) == 3.140625);
+  CHECK(bf16_value(0x0001) == std::ldexp(1.0, -133));
+  CHECK(bf16_value(0x7F7F) == std::bit_cast<float>(0x7F7F0000u));
+  // bfloat16 is the top half of a float32
+  for (std::uint32_t b = 0; b < 0x10000; b += 7) {
+    const float f = std::bit_cast<float>(b << 16);
+    if (!std::isnan(f)) CHECK(bf16_value(static_cast<std::uint16_t>(b)) == static_cast<double>(f));
+  }
+}
+
+TEST_CASE("every float16 and bfloat16 bit pattern survives decode then encode") {
+  for (std::uint32_t b = 0; b < 0x10000; ++b) {
+    const auto bits = static_cast<std::uint16_t>(b);
+    const double h = half_value(bits), g = bf16_value(bits);
+    if (std::isnan(h))
+      CHECK(std::isnan(half_value(detail::encode_small_float<5, 10>(h))));
+    else if (detail::encode_small_float<5, 10>(h) != bits)
+      FAIL("float16 ", b, " does not round-trip");
+    if (std::isnan(g))
+      CHECK(std::isnan(bf16_value(detail::encode_small_float<8, 7>(g))));
+    else if (detail::encode_small_float<8, 7>(g) != bits)
+      FAIL("bfloat16 ", b, " does not round-trip");
+  }
+}
+
+TEST_CASE("encoding rounds to the nearest value, ties to even") {
+  // bfloat16 against the integer trick, over random and boundary floats
+  rng gen{7};
+  for (int i = 0; i < 200000; ++i) {
+    const auto u = static_cast<std::uint32_t>(gen.uniform() * 4294967296.0);
+    const float f = std::bit_cast<float>(u);
+    if (std::isnan(f)) continue;
+    REQUIRE(detail::encode_small_float<8, 7>(f) == bf16_by_bits(f));
+  }
+  // float16: the result is never farther from v than its neighbours, and ties go to even
+  for (int i = 0; i < 200000; ++i) {
+    const double v = (gen.uniform() * 2 - 1) * std::ldexp(1.0, static_cast<int>(gen.uniform() * 40) - 26);
+    const std::uint16_t b = detail::encode_small_float<5, 10>(v);
+    const double got = half_value(b);
+    if (std::isinf(got)) {
+      REQUIRE(std::fabs(v) >= 65520.0);
+      continue;
+    }
+    const double err = std::fabs(got - v);
+    for (int step : {-1, 1}) {
+      const auto n = static_cast<std::uint16_t>(b + step);
+      if ((n & 0x7FFF) > 0x7BFF || ((b & 0x7FFF) == 0 && step < 0)) continue;
+      const double other = std::fabs(half_value(n) - v);
+      REQUIRE(err <= other);
+      if (err == other) REQUIRE((b & 1) == 0);
+    }
+  }
+  CHECK(detail::encode_small_float<5, 10>(65519.0) == 0x7BFF);
+  CHECK(detail::encode_small_float<5, 10>(65520.0) == 0x7C00);             // overflows to +inf
+  CHECK(detail::encode_small_float<5, 10>(1.0 + std::ldexp(1.0, -11)) == 0x3C00);  // tie: even
+  CHECK(detail::encode_small_float<5, 10>(1.0 + 3 * std::ldexp(1.0, -11)) == 0x3C02);
+  CHECK(detail::encode_small_float<5, 10>(std::ldexp(1.0, -25)) == 0x0000);  // tie to zero
+  CHECK(detail::encode_small_float<5, 10>(std::ldexp(1.5, -25)) == 0x0001);
+  CHECK(detail::encode_small_float<5, 10>(-0.0) == 0x8000);
+  CHECK(detail::encode_small_float<5, 10>(1e300) == 0x7C00);
+}
+
+TEST_CASE_TEMPLATE("save, load, identical bits, for every dtype", T, float, double) {
+  rng gen{11};
+  for (dtype type : {dtype::f16, dtype::bf16, dtype::f32, dtype::f64}) {
+    CAPTURE(to_string(type));
+    // values the dtype holds exactly: decode random bit patterns, NaN/inf and signed zero included
+    std::vector<T> values(3 * 5);
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      const auto u = static_cast<std::uint64_t>(gen.uniform() * 18446744073709551616.0);
+      double v;
+      switch (type) {
+        case dtype::f16: v = half_value(static_cast<std::uint16_t>(u)); break;
+        case dtype::bf16: v = bf16_value(static_cast<std::uint16_t>(u)); break;
+        case dtype::f32: v = std::bit_cast<float>(static_cast<std::uint32_t>(u)); break;
+        default: v = std::bit_cast<double>(u); break;
+      }
+      if (std::is_same_v<T, float> && type == dtype::f64) v = static_cast<float>(v);  // fits in T
+      if (std::isnan(v)) v = static_cast<double>(i);
+      values[i] = static_cast<T>(v);
+    }
+    values[0] = T(-0.0);
+    values[1] = std::numeric_limits<T>::infinity();
+    safetensors_writer out;
+    out.metadata("format", "pt");
+    out.add("a.b", std::span<const T>(values), {3, 5}, type);
+    out.add("scalar", std::span<const T>(values).first(1), {}, type);
+    out.add("empty", std::span<const T>(), {0, 4}, type);
+    const auto bytes = out.serialize();
+    CHECK(detail::load_le(bytes.data(), 8) % 8 == 0);  // data aligned to 8 bytes
+    auto file = safetensors_file::parse(bytes);
+    REQUIRE(file.tensors().size() == 3);
+    CHECK(file.metadata().at("format") == "pt");
+    const auto& t = file.at("a.b");
+    CHECK(t.type == type);
+    CHECK(t.shape == std::vector<std::size_t>{3, 5});
+    const auto back = file.read<T>("a.b");
+    REQUIRE(back.size() == values.size());
+    CHECK(std::memcmp(back.data(), values.data(), values.size() * sizeof(T)) == 0);
+    CHECK(file.read<T>("scalar").size() == 1);
+    CHECK(file.at("scalar").shape.empty());
+    CHECK(file.read<T>("empty").empty());
+    // re-saving what was loaded gives the same file
+    safetensors_writer again;
+    again.metadata("format", "pt");
+    again.add("a.b", std::span<const T>(back), {3, 5}, type);
+    again.add("scalar", std::span<const T>(file.read<T>("scalar")), {}, type);
+    again.add("empty", std::span<const T>(), {0, 4}, type);
+    CHECK(again.serialize() == bytes);
+  }
+}
+
+TEST_CASE("a file written byte by byte from the format description reads back") {
+  // two tensors: F32 [2] = {1.5, -2}, then BF16 [1, 1] = {1.0}; header padded with spaces and
+  // tensors listed out of data order, as other writers may do
+  const std::string header =
+      R"({"__metadata__":{"format":"pt"},"w":{"dtype":"BF16","shape":[1,1],"data_offsets":[8,10]},)"
+      R"("v":{"shape":[2],"dtype":"F32","data_offsets":[0,8]}}    )";
+  const bytes_t data{0x00, 0x00, 0xC0, 0x3F,   // 1.5f little-endian
+                     0x00, 0x00, 0x00, 0xC0,   // -2.0f
+                     0x80, 0x3F};              // bf16 1.0
+  const auto file = safetensors_file::parse(make_file(header, data), "hand.safetensors");
+  REQUIRE(file.tensors().size() == 2);
+  CHECK(file.tensors()[0].name == "v");  // in data order
+  CHECK(file.read<float>("v") == std::vector<float>{1.5f, -2.0f});
+  CHECK(file.read<double>("w") == std::vector<double>{1.0});
+  CHECK(file.raw("w").size() == 2);
+  CHECK(file.metadata().at("format") == "pt");
+  // a file with only metadata and no tensors is valid
+  CHECK(safetensors_file::parse(make_file(R"({"__metadata__":{}})")).tensors().empty());
+  CHECK(safetensors_file::parse(make_file("{}")).tensors().empty());
+}
+
+TEST_CASE("non-float dtypes open but are not read as floats") {
+  const auto file = safetensors_file::parse(
+      make_file(R"({"i":{"dtype":"I32","shape":[1],"data_offsets":[0,4]}})", {1, 0, 0, 0}), "ints.safetensors");
+  CHECK(file.at("i").type == dtype::i32);
+  CHECK_THROWS_WITH_AS(file.read<float>("i"), doctest::Contains("tensor 'i' has dtype I32"), io_error);
+  CHECK_THROWS_WITH_AS(file.read<float>("j"), doctest::Contains("has no tensor 'j'"), io_error);
+}
+
+TEST_CASE("hostile files give an io_error naming the file, never a crash") {
+  const std::string f32 = R"("dtype":"F32")";
+  struct hostile {
+    const char* what;
+    bytes_t bytes;
+    const char* message;  // part of the expected message
+  };
+  auto header_only = [](std::uint64_t n, std::size_t extra) {
+    bytes_t b(8 + extra, ' ');
+    detail::store_le(b.data(), n, 8);
+    return b;
+  };
+  std::string deep(100000, '[');
+  const std::vector<hostile> cases{
+      {"empty file", {}, "truncated"},
+      {"7 bytes", bytes_t(7, 0), "truncated"},
+      {"header length beyond the file", header_only(100, 10), "runs past the end"},
+      {"header length 2^64 - 1", header_only(~std::uint64_t{0}, 4), "runs past the end"},
+      {"header not JSON", make_file("{not json"), "not valid JSON"},
+      {"header an array", make_file("[1, 2]"), "must start with '{'"},
+      {"header JSON but then garbage", make_file("{} x"), "not valid JSON"},
+      {"deep nesting", make_file("{\"a\":" + deep), "nests deeper"},
+      {"unknown dtype", make_file(R"({"t":{"dtype":"F17","shape":[],"data_offsets":[0,0]}})"), "unknown dtype 'F17'"},
+      {"dtype not a string", make_file(R"({"t":{"dtype":3,"shape":[],"data_offsets":[0,0]}})"), "dtype is not a string"},
+      {"duplicate names",
+       make_file(R"({"t":{)" + f32 + R"(,"shape":[1],"data_offsets":[0,4]},"t":{)" + f32 +
+                     R"(,"shape":[1],"data_offsets":[4,8]}})",
+                 bytes_t(8)),
+       "duplicate tensor name 't'"},
+      {"overlapping offsets",
+       make_file(R"({"a":{)" + f32 + R"(,"shape":[2],"data_offsets":[0,8]},"b":{)" + f32 +
+                     R"(,"shape":[1],"data_offsets":[4,8]}})",
+                 bytes_t(8)),
+       "overlap"},
+      {"offsets past the data", make_file(R"({"t":{)" + f32 + R"(,"shape":[2],"data_offsets":[0,8]}})", bytes_t(4)),
+       "outside the data"},
+      {"offsets reversed", make_file(R"({"t":{)" + f32 + R"(,"shape":[0],"data_offsets":[4,0]}})", bytes_t(4)),
+       "outside the data"},
+      {"offsets 2^64", make_file(R"({"t":{)" + f32 + R"(,"shape":[1],"data_offsets":[0,18446744073709551616]}})"),
+       "data_offsets is not"},
+      {"offsets negative", make_file(R"({"t":{)" + f32 + R"(,"shape":[1],"data_offsets":[-4,0]}})"),
+       "data_offsets is not"},
+      {"offsets and shape disagree", make_file(R"({"t":{)" + f32 + R"(,"shape":[3],"data_offsets":[0,8]}})", bytes_t(8)),
+       "needs 12"},
+      {"shape product overflows",
+       make_file(R"({"t":{)" + f32 + R"(,"shape":[4294967296,4294967296,2],"data_offsets":[0,0]}})"), "overflows"},
+      {"byte count overflows", make_file(R"({"t":{)" + f32 + R"(,"shape":[4611686018427387904],"data_offsets":[0,0]}})"),
+       "overflows"},
+      {"negative dimension", make_file(R"({"t":{)" + f32 + R"(,"shape":[-1],"data_offsets":[0,0]}})"),
+       "non-negative integer"},
+      {"fractional dimension", make_file(R"({"t":{)" + f32 + R"(,"shape":[1.5],"data_offsets":[0,0]}})"),
+       "non-negative integer"},
+      {"shape not an array", make_file(R"({"t":{)" + f32 + R"(,"shape":4,"data_offsets":[0,16]}})", bytes_t(16)),
+       "shape is not an array"},
+      {"missing field", make_file(R"({"t":{)" + f32 + R"(,"shape":[1]}})", bytes_t(4)), "needs dtype, shape"},
+      {"unknown field", make_file(R"({"t":{)" + f32 + R"(,"shape":[1],"data_offsets":[0,4],"x":1}})", bytes_t(4)),
+       "unknown field 'x'"},
+      {"entry not an object", make_file(R"({"t":[1,2]})"), "not an object"},
+      {"gap in the data", make_file(R"({"t":{)" + f32 + R"(,"shape":[1],"data_offsets":[4,8]}})", bytes_t(8)),
+       "gap"},
+      {"trailing bytes", make_file(R"({"t":{)" + f32 + R"(,"shape":[1],"data_offsets":[0,4]}})", bytes_t(12)),
+       "cover 4 bytes"},
+      {"metadata not strings", make_file(R"({"__metadata__":{"a":1}})"), "__metadata__ entry 'a'"},
+      {"metadata not an object", make_file(R"({"__metadata__":[]})"), "__metadata__ is not"},
+      {"empty header", make_file(""), "must start with '{'"},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.what);
+    CHECK_THROWS_WITH_AS(safetensors_file::parse(c.bytes, "hostile.safetensors"),
+                         doctest::Contains(c.message), io_error);
+    CHECK_THROWS_WITH_AS(safetensors_file::parse(c.bytes, "hostile.safetensors"),
+                         doctest::Contains("'hostile.safetensors'"), io_error);
+  }
+  // every truncation of a valid file is rejected
+  safetensors_writer out;
+  const std::vector<float> v{1, 2, 3};
+  out.add("x", std::span<const float>(v), {3});
+  const auto good = out.serialize();
+  for (std::size_t n = 0; n < good.size(); ++n)
+    CHECK_THROWS_AS(safetensors_file::parse(std::span<const unsigned char>(good).first(n)), io_error);
+  CHECK_NOTHROW(safetensors_file::parse(good));
+}
+
+TEST_CASE("the writer rejects inconsistent tensors") {
+  safetensors_writer out;
+  const std::vector<float> v(6);
+  CHECK_THROWS_WITH_AS(out.add("t", std::span<const float>(v), {2, 2}), doctest::Contains("has 6 values"),
+                       value_error);
+  out.add("t", std::span<const float>(v), {2, 3});
+  CHECK_THROWS_WITH_AS(out.add("t", std::span<const float>(v), {6}), doctest::Contains("already used"), value_error);
+  CHECK_THROWS_AS(out.add("__metadata__", std::span<const float>(v), {6}), value_error);
+  CHECK_THROWS_WITH_AS(out.add("u", std::span<const float>(v), {6}, dtype::i32),
+                       doctest::Contains("not F16, BF16, F32 or F64"), value_error);
+}
+
+TEST_CASE("saving is atomic: a failed save leaves the old file and no temporary") {
+  const auto path = scratch("atomic.safetensors");
+  const auto dir = path.parent_path();
+  const std::vector<double> v{1, 2};
+  safetensors_writer out;
+  out.add("v", std::span<const double>(v), {2});
+  out.save(path);
+  CHECK(safetensors_file::open(path).read<double>("v") == v);
+  CHECK(leftovers(dir) == 0);
+
+  // overwrite: the new content replaces the old
+  safetensors_writer next;
+  const std::vector<double> w{3, 4, 5};
+  next.add("v", std::span<const double>(w), {3});
+  next.save(path);
+  CHECK(safetensors_file::open(path).read<double>("v") == w);
+
+  // renaming onto a directory fails after the temporary was written: it must be removed
+  const auto blocked = scratch("blocked.safetensors");
+  fs::create_directories(blocked / "inside");
+  CHECK_THROWS_WITH_AS(out.save(blocked), doctest::Contains("blocked.safetensors"), io_error);
+  CHECK(fs::is_directory(blocked / "inside"));
+  CHECK(leftovers(dir) == 0);
+
+  // a directory that does not exist
+  CHECK_THROWS_AS(out.save(dir / "no" / "such" / "dir.safetensors"), io_error);
+  CHECK_THROWS_WITH_AS(safetensors_file::open(dir / "missing.safetensors"), doctest::Contains("missing.safetensors"),
+                       io_error);
+  CHECK(leftovers(dir) == 0);
+
+  // a corrupt file on disk is reported with its path
+  const auto bad = scratch("corrupt.safetensors");
+  {
+    std::ofstream o(bad, std::ios::binary);
+    o << "\x10\0\0\0\0\0\0\0{";
+  }
+  CHECK_THROWS_WITH_AS(safetensors_file::open(bad), doctest::Contains("corrupt.safetensors"), io_error);
+}
