@@ -1,0 +1,373 @@
+#pragma once
+/// \file backend/cuda/device_layer.hpp
+/// The cuda backend's SMEAR block, written once against an execution context: with
+/// device::context (cuBLAS + Thrust on a CUDA stream) it is `smear::layer<E, N, backend::cuda>`;
+/// with device::host_context the same algorithm runs on a CPU, which the tests compare with the
+/// reference backend on machines without a GPU.
+///
+/// Forward for the whole batch: pool (masked or plain mean), LayerNorm, logits z = F·Wᵀ (one
+/// GEMM), softmax with temperature and expert dropout, merge Θ̄ = P·Θ (one GEMM), the experts'
+/// strided-batched GEMMs over the padded length, residual and padding mask. Backward: the
+/// experts' batched GEMMs give ∂ℓ/∂x and G = ∂ℓ/∂Θ̄; ∂ℓ/∂Θ += Pᵀ·G and ∂ℓ/∂P = G·Θᵀ (two GEMMs);
+/// softmax, router GEMMs and LayerNorm backward; the pooled gradient spread over the tokens.
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <utility>
+#include <vector>
+
+#include "smear/backend/cuda/elementwise.hpp"
+#include "smear/backend/cuda/experts.hpp"
+#include "smear/bank.hpp"
+#include "smear/concepts.hpp"
+#include "smear/error.hpp"
+#include "smear/layer.hpp"
+#include "smear/random.hpp"
+#include "smear/routing/router.hpp"
+#include "smear/tensor.hpp"
+
+namespace smear::device {
+
+/// A SMEAR block of N experts whose parameters, gradients, activations and workspaces live in
+/// `Ctx`'s memory. `x`, `y`, `dy` and `dx` passed to forward/backward are in that memory too
+/// (device pointers for device::context); `lengths` stay on the host.
+///
+/// The parameters start exactly as those of `smear::layer<Expert, N>` built with the same
+/// prototype, options and seed. bank() and router() are host mirrors: download() refreshes
+/// them (values and gradients) from the device, upload() writes their values to the device.
+template <class Expert, std::size_t N, class Ctx>
+class device_layer {
+  static_assert(smear::detail::diagnose_mergeable_expert<Expert>());
+  static_assert(N >= 1, "smear::layer: the number of experts N must be at least 1");
+
+ public:
+  using expert_type = Expert;
+  using value_type = typename Expert::value_type;
+  using T = value_type;
+  using context_type = Ctx;
+  static constexpr std::size_t experts = N;
+
+  /// Builds the block and its context from `ctx_args`. Throws like smear::layer's constructor,
+  /// and out_of_memory / cuda_error when the device cannot hold the parameters.
+  template <class... CtxArgs>
+  explicit device_layer(Expert prototype, layer_options options, std::uint64_t seed,
+                        CtxArgs&&... ctx_args)
+      : ctx_(std::make_unique<Ctx>(std::forward<CtxArgs>(ctx_args)...)),
+        bank_(std::move(prototype)),
+        router_(bank_.expert().input_dim(), N, options.router, seed ^ 0x5EED0F5EA4ull),
+        opt_(options),
+        residual_(options.residual.value_or(is_residual_expert<Expert>)),
+        gen_(seed),
+        kernel_(bank_.expert(), *ctx_) {
+    check_strategy(options);
+    if (residual_ && bank_.expert().input_dim() != bank_.expert().output_dim())
+      throw value_error(smear::detail::message(
+          "layer: residual needs input_dim == output_dim, the expert has ",
+          bank_.expert().input_dim(), " -> ", bank_.expert().output_dim()));
+    rng init{seed};
+    bank_.initialize(init);
+    const std::size_t np = N * P(), nr = router_.values().size();
+    bank_values_.reserve(np, "the expert bank");
+    bank_grads_.reserve(np, "the expert bank's gradients");
+    router_values_.reserve(nr, "the router's parameters");
+    router_grads_.reserve(nr, "the router's gradients");
+    upload();
+    zero_grad();
+    ctx_->synchronize("smear cuda layer: construction");
+  }
+
+  const Expert& expert() const noexcept { return bank_.expert(); }
+  std::size_t input_dim() const noexcept { return bank_.expert().input_dim(); }
+  std::size_t output_dim() const noexcept { return bank_.expert().output_dim(); }
+  bool residual() const noexcept { return residual_; }
+  const layer_options& options() const noexcept { return opt_; }
+  Ctx& context() noexcept { return *ctx_; }
+
+  /// Host mirror of the expert bank (see download() / upload()).
+  expert_bank<Expert, N>& bank() noexcept { return bank_; }
+  const expert_bank<Expert, N>& bank() const noexcept { return bank_; }
+  /// Host mirror of the router (see download() / upload()).
+  smear::router<T>& router() noexcept { return router_; }
+  const smear::router<T>& router() const noexcept { return router_; }
+
+  /// The parameters and gradients in the context's memory: bank [N, P], router (its layout()).
+  matrix_ref<T> device_bank_values() noexcept { return {bank_values_.data(), N, P()}; }
+  matrix_ref<T> device_bank_gradients() noexcept { return {bank_grads_.data(), N, P()}; }
+  std::span<T> device_router_values() noexcept { return {router_values_.data(), router_.values().size()}; }
+  std::span<T> device_router_gradients() noexcept {
+    return {router_grads_.data(), router_.values().size()};
+  }
+
+  /// Writes the host mirrors' parameter values to the device (asynchronously on the stream).
+  void upload() {
+    ctx_->to_device(bank_values_.data(), static_cast<const T*>(bank_.values().data), N * P(),
+                    "smear cuda layer: upload of the expert bank");
+    ctx_->to_device(router_values_.data(), router_.values().data(), router_.values().size(),
+                    "smear cuda layer: upload of the router");
+  }
+
+  /// Refreshes the host mirrors' values and gradients from the device; waits for the stream.
+  void download() {
+    const char* op = "smear cuda layer: download of the parameters";
+    ctx_->to_host(bank_.values().data, static_cast<const T*>(bank_values_.data()), N * P(), op);
+    ctx_->to_host(bank_.gradients().data, static_cast<const T*>(bank_grads_.data()), N * P(), op);
+    ctx_->to_host(router_.values().data(), static_cast<const T*>(router_values_.data()),
+                  router_.values().size(), op);
+    ctx_->to_host(router_.gradients().data(), static_cast<const T*>(router_grads_.data()),
+                  router_.values().size(), op);
+  }
+
+  void reseed(std::uint64_t seed) noexcept { gen_ = rng{seed}; }
+  void train(bool on = true) noexcept { training_ = on; }
+  bool training() const noexcept { return training_; }
+
+  /// Sets every gradient on the device to zero.
+  void zero_grad() {
+    detail::fill(ctx_->policy(), bank_grads_.data(), N * P(), T(0));
+    detail::fill(ctx_->policy(), router_grads_.data(), router_.values().size(), T(0));
+  }
+
+  /// The routing distribution of the last forward, [B, N], in the context's memory.
+  matrix_ref<const T> device_routing() const noexcept { return {used_.data(), batch_, N}; }
+  /// The same copied to the host (waits for the stream).
+  matrix_ref<const T> routing() {
+    routing_host_.resize(batch_ * N);
+    ctx_->to_host(routing_host_.data(), static_cast<const T*>(used_.data()), batch_ * N,
+                  "smear cuda layer: download of the routing");
+    return {routing_host_.data(), batch_, N};
+  }
+
+  /// Bytes of the per-call buffers held in the context's memory.
+  std::size_t workspace_bytes() const noexcept {
+    return sizeof(T) * (pooled_.capacity() + normed_.capacity() + features_.capacity() +
+                        rstd_.capacity() + logits_.capacity() + soft_.capacity() + used_.capacity() +
+                        keep_.capacity() + kept_.capacity() + dlogits_.capacity() +
+                        dfeatures_.capacity() + merged_.capacity() + gmerged_.capacity() +
+                        dprobs_.capacity() + saved_.capacity() + scratch_.capacity() +
+                        dy_masked_.capacity()) +
+           sizeof(std::int32_t) * lengths_.capacity();
+  }
+
+  /// y ← block(x), enqueued on the context's stream. x [B, L, input_dim] and y (B·L·output_dim
+  /// values) are in the context's memory, x.lengths on the host. Padding rows of x must be
+  /// finite; padding rows of y are written as zero. Throws shape_error / value_error before any
+  /// work on a bad shape or a host pointer, numeric_error in checked mode.
+  void forward(tokens<const T> x, std::span<T> y) {
+    constexpr const char* op = "smear::layer<cuda>::forward";
+    check_input(x, op);
+    if (y.size() != x.batch * x.length * output_dim())
+      throw shape_error(smear::detail::message(op, ": y has ", y.size(),
+                                               " values, expected [B, L, d_out] = ",
+                                               smear::detail::shape(x.batch, x.length, output_dim())));
+    ctx_->check_pointer(x.data, op, "x");
+    ctx_->check_pointer(y.data(), op, "y");
+    if (opt_.check_finite) check_finite(x.data, x.size(), op, "x");
+    const std::size_t B = x.batch, L = x.length, d = input_dim();
+    reserve(B, L);
+    auto pol = ctx_->policy();
+    const std::int32_t* lens = upload_lengths(x);
+    const bool all_rows = router_.options().pool == pooling::mean;
+
+    // keep mask of expert dropout, drawn on the host in the reference backend's order
+    const bool drop = training_ && router_.options().expert_dropout > 0.0;
+    keep_host_.assign(B * N, T(1));
+    if (drop)
+      for (auto& k : keep_host_) k = gen_.uniform() >= router_.options().expert_dropout ? T(1) : T(0);
+    ctx_->to_device(keep_.data(), static_cast<const T*>(keep_host_.data()), B * N, op);
+
+    // router
+    detail::pool(pol, x.data, lens, B, L, d, all_rows, pooled_.data());
+    const T* rv = router_values_.data();
+    const T* features = pooled_.data();
+    if (router_.options().layer_norm) {
+      detail::layer_norm(pol, static_cast<const T*>(pooled_.data()), rv, rv + d, B, d,
+                         static_cast<T>(router_.options().layer_norm_eps), normed_.data(),
+                         features_.data(), rstd_.data());
+      features = features_.data();
+    }
+    ctx_->gemm(false, true, B, N, d, T(1), features, d, rv + weight_offset(), d, T(0), logits_.data(), N);
+    detail::softmax_dropout(pol, logits_.data(), rv + weight_offset() + N * d, keep_.data(), B, N,
+                            inv_temperature(), soft_.data(), used_.data(), kept_.data());
+    // merge: Θ̄ = P·Θ
+    ctx_->gemm(false, false, B, P(), N, T(1), static_cast<const T*>(used_.data()), N,
+               static_cast<const T*>(bank_values_.data()), P(), T(0), merged_.data(), P());
+    // apply
+    kernel_.forward(*ctx_, static_cast<const T*>(merged_.data()), x.data, lens, B, L, y.data(),
+                    saved_.data());
+    detail::finish_rows(pol, y.data(), static_cast<const T*>(nullptr), 0,
+                        residual_ ? x.data : static_cast<const T*>(nullptr), lens, B, L, output_dim());
+    if (opt_.check_finite) check_finite(y.data(), y.size(), op, "y");
+    last_ = x;
+    last_lengths_ = lens;
+    pending_backward_ = true;
+  }
+
+  /// Given dy for the last forward (in the context's memory), overwrites dx with ∂ℓ/∂x and adds
+  /// the parameters' gradients on the device. Padding rows of dy are ignored; those of dx are
+  /// written as zero. Must follow a forward, once.
+  void backward(std::span<const T> dy, std::span<T> dx) {
+    constexpr const char* op = "smear::layer<cuda>::backward";
+    if (!pending_backward_)
+      throw state_error(smear::detail::message(op, ": no forward to go back through (backward runs "
+                                                   "once per forward)"));
+    const tokens<const T> x = last_;
+    if (dy.size() != x.batch * x.length * output_dim())
+      throw shape_error(smear::detail::message(op, ": dy has ", dy.size(),
+                                               " values, expected [B, L, d_out] = ",
+                                               smear::detail::shape(x.batch, x.length, output_dim())));
+    if (dx.size() != x.size())
+      throw shape_error(smear::detail::message(op, ": dx has ", dx.size(),
+                                               " values, expected [B, L, d_in] = ",
+                                               smear::detail::shape(x.batch, x.length, input_dim())));
+    ctx_->check_pointer(dy.data(), op, "dy");
+    ctx_->check_pointer(dx.data(), op, "dx");
+    if (opt_.check_finite) check_finite(dy.data(), dy.size(), op, "dy");
+    pending_backward_ = false;
+    const std::size_t B = x.batch, L = x.length, d = input_dim(), dout = output_dim();
+    const std::int32_t* lens = last_lengths_;
+    auto pol = ctx_->policy();
+
+    const T* g = dy.data();
+    if (lens != nullptr) {  // padding rows of dy must not reach the parameter gradients
+      detail::masked_copy(pol, dy.data(), lens, B, L, dout, dy_masked_.data());
+      g = dy_masked_.data();
+    }
+    kernel_.backward(*ctx_, static_cast<const T*>(merged_.data()), x.data, lens, B, L,
+                     static_cast<const T*>(saved_.data()), g, dx.data(), gmerged_.data(),
+                     scratch_.data());
+    detail::finish_rows(pol, dx.data(), static_cast<const T*>(nullptr), 0,
+                        residual_ ? g : static_cast<const T*>(nullptr), lens, B, L, d);
+    // ∂ℓ/∂Θ += Pᵀ·G ; ∂ℓ/∂P = G·Θᵀ
+    const T* gm = gmerged_.data();
+    ctx_->gemm(true, false, N, P(), B, T(1), static_cast<const T*>(used_.data()), N, gm, P(), T(1),
+               bank_grads_.data(), P());
+    ctx_->gemm(false, true, B, N, P(), T(1), gm, P(), static_cast<const T*>(bank_values_.data()), P(),
+               T(0), dprobs_.data(), N);
+    // router
+    detail::softmax_dropout_backward(pol, static_cast<const T*>(dprobs_.data()),
+                                     static_cast<const T*>(soft_.data()),
+                                     static_cast<const T*>(used_.data()),
+                                     static_cast<const T*>(keep_.data()),
+                                     static_cast<const T*>(kept_.data()), B, N, inv_temperature(),
+                                     dlogits_.data());
+    const T* rv = router_values_.data();
+    T* rg = router_grads_.data();
+    const bool ln = router_.options().layer_norm;
+    const T* features = ln ? features_.data() : pooled_.data();
+    const T* dz = dlogits_.data();
+    ctx_->gemm(true, false, N, d, B, T(1), dz, N, features, d, T(1), rg + weight_offset(), d);
+    detail::add_column_sums(pol, dz, static_cast<const T*>(nullptr), B, N, rg + weight_offset() + N * d);
+    ctx_->gemm(false, false, B, d, N, T(1), dz, N, rv + weight_offset(), d, T(0), dfeatures_.data(), d);
+    if (ln)
+      detail::layer_norm_backward(pol, dfeatures_.data(), static_cast<const T*>(normed_.data()), rv,
+                                  static_cast<const T*>(rstd_.data()), B, d, rg, rg + d);
+    if (!router_.options().detach_input)
+      detail::spread_pooled(pol, static_cast<const T*>(dfeatures_.data()), lens, B, L, d,
+                            router_.options().pool == pooling::mean, dx.data());
+    if (opt_.check_finite) {
+      check_finite(dx.data(), dx.size(), op, "dx");
+      check_finite(bank_grads_.data(), N * P(), op, "expert gradients");
+      check_finite(router_grads_.data(), router_.values().size(), op, "router gradients");
+    }
+  }
+
+ private:
+  /// The cuda backend implements the smear strategy; another one is refused by name.
+  template <class Options>
+  static void check_strategy(const Options& o) {
+    if constexpr (requires { o.routing.strategy; })
+      if (static_cast<int>(o.routing.strategy) != 0)  // 0: strategy::smear
+        throw value_error(smear::detail::message(
+            "smear::layer<cuda>: the cuda backend implements the smear strategy; '",
+            to_string(o.routing.strategy), "' runs on the reference and cpu backends"));
+  }
+
+  std::size_t P() const noexcept { return bank_.parameter_count(); }
+  std::size_t weight_offset() const noexcept { return router_.options().layer_norm ? 2 * input_dim() : 0; }
+  T inv_temperature() const noexcept { return static_cast<T>(1.0 / router_.options().temperature); }
+
+  void check_input(tokens<const T> x, const char* op) const {
+    const auto shape = smear::detail::shape(x.batch, x.length, x.dim);
+    if (x.batch == 0 || x.length == 0)
+      throw value_error(smear::detail::message(op, ": empty batch, x is [B, L, d] = ", shape));
+    if (x.data == nullptr) throw value_error(smear::detail::message(op, ": x has no data"));
+    if (x.dim != input_dim())
+      throw shape_error(smear::detail::message(op, ": x is [B, L, d] = ", shape,
+                                               ", the experts expect d = ", input_dim()));
+    if (!x.lengths.empty()) {
+      if (x.lengths.size() != x.batch)
+        throw shape_error(smear::detail::message(op, ": lengths has ", x.lengths.size(),
+                                                 " entries, expected B = ", x.batch, " (x is ", shape, ")"));
+      for (std::size_t b = 0; b < x.batch; ++b)
+        if (x.lengths[b] < 1 || static_cast<std::size_t>(x.lengths[b]) > x.length)
+          throw value_error(smear::detail::message(op, ": example ", b, " has length ", x.lengths[b],
+                                                   ", expected 1..L = 1..", x.length,
+                                                   " (an all-padding example cannot be routed)"));
+    }
+  }
+
+  /// Copies the lengths to the device; null when every example is full (no mask needed).
+  const std::int32_t* upload_lengths(tokens<const T> x) {
+    bool full = true;
+    for (auto l : x.lengths) full = full && static_cast<std::size_t>(l) == x.length;
+    if (full) return nullptr;
+    ctx_->to_device(lengths_.data(), x.lengths.data(), x.batch, "smear cuda layer: upload of the lengths");
+    return lengths_.data();
+  }
+
+  void check_finite(const T* p, std::size_t n, const char* op, const char* what) {
+    check_host_.resize(n);
+    ctx_->to_host(check_host_.data(), p, n, op);
+    smear::detail::check_finite<T>(std::span<const T>(check_host_), op, what);
+  }
+
+  void reserve(std::size_t B, std::size_t L) {
+    const std::size_t d = input_dim(), dout = output_dim();
+    lengths_.reserve(B, "the lengths");
+    pooled_.reserve(B * d, "the pooled inputs");
+    if (router_.options().layer_norm) {
+      normed_.reserve(B * d, "the normalised pooled inputs");
+      features_.reserve(B * d, "the router features");
+      rstd_.reserve(B, "the LayerNorm scales");
+    }
+    logits_.reserve(B * N, "the logits");
+    soft_.reserve(B * N, "the softmax");
+    used_.reserve(B * N, "the routing probabilities");
+    keep_.reserve(B * N, "the dropout mask");
+    kept_.reserve(B, "the dropout normalisers");
+    dlogits_.reserve(B * N, "the logit gradients");
+    dfeatures_.reserve(B * d, "the feature gradients");
+    merged_.reserve(B * P(), "the merged parameters [B, P]");
+    gmerged_.reserve(B * P(), "the merged parameters' gradients [B, P]");
+    dprobs_.reserve(B * N, "the probability gradients");
+    saved_.reserve(kernel_.saved_size(B, L), "the experts' saved activations");
+    scratch_.reserve(kernel_.scratch_size(B, L), "the experts' scratch");
+    dy_masked_.reserve(B * L * dout, "the masked output gradient");
+    batch_ = B;
+  }
+
+  template <class V>
+  using buf = typename Ctx::template buffer<V>;
+
+  std::unique_ptr<Ctx> ctx_;
+  expert_bank<Expert, N> bank_;
+  smear::router<T> router_;
+  layer_options opt_;
+  bool residual_;
+  bool training_ = true;
+  rng gen_;
+  device_expert<Expert, Ctx> kernel_;
+  buf<T> bank_values_, bank_grads_, router_values_, router_grads_;
+  buf<std::int32_t> lengths_;
+  buf<T> pooled_, normed_, features_, rstd_, logits_, soft_, used_, keep_, kept_, dlogits_,
+      dfeatures_, merged_, gmerged_, dprobs_, saved_, scratch_, dy_masked_;
+  std::vector<T> keep_host_, routing_host_, check_host_;
+  std::size_t batch_ = 0;
+  tokens<const T> last_{};
+  const std::int32_t* last_lengths_ = nullptr;
+  bool pending_backward_ = false;
+};
+
+}  // namespace smear::device

@@ -1,0 +1,432 @@
+#pragma once
+/// \file backend/cuda/elementwise.hpp
+/// The cuda backend's element-wise work (pooling, LayerNorm, softmax, bias, activations,
+/// masks, column sums) as Thrust `for_each_n` over index ranges with small functors.
+///
+/// Every function takes a Thrust execution policy first and raw pointers into the policy's
+/// memory: on a GPU `thrust::cuda::par_nosync.on(stream)` and device pointers, on a CPU
+/// `thrust::cpp::par` and host pointers. This header needs only Thrust, so it also builds
+/// with a host compiler under `THRUST_DEVICE_SYSTEM=THRUST_DEVICE_SYSTEM_CPP` (that is how
+/// the tests exercise it without a GPU).
+///
+/// Layouts: token tensors are row-major [B, L, c] with example b's first `lengths[b]` rows
+/// valid (`lengths` may be null: every row valid); parameter rows are [B, P] with a tensor at
+/// a given offset inside each row.
+
+#include <thrust/for_each.h>
+#include <thrust/iterator/counting_iterator.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <math.h>
+
+#include "smear/activation.hpp"
+
+#if defined(__CUDACC__)
+#define SMEAR_HOST_DEVICE __host__ __device__
+#else
+#define SMEAR_HOST_DEVICE
+#endif
+
+namespace smear::device::detail {
+
+SMEAR_HOST_DEVICE inline float exp_(float x) { return ::expf(x); }
+SMEAR_HOST_DEVICE inline double exp_(double x) { return ::exp(x); }
+SMEAR_HOST_DEVICE inline float tanh_(float x) { return ::tanhf(x); }
+SMEAR_HOST_DEVICE inline double tanh_(double x) { return ::tanh(x); }
+SMEAR_HOST_DEVICE inline float sqrt_(float x) { return ::sqrtf(x); }
+SMEAR_HOST_DEVICE inline double sqrt_(double x) { return ::sqrt(x); }
+
+/// act(x), the same formulas as smear::detail::activate.
+template <class T>
+SMEAR_HOST_DEVICE T activate(activation a, T x) {
+  switch (a) {
+    case activation::silu: return x / (T(1) + exp_(-x));
+    case activation::relu: return x > T(0) ? x : T(0);
+    case activation::gelu: {
+      const T u = T(0.7978845608028654) * (x + T(0.044715) * x * x * x);
+      return T(0.5) * x * (T(1) + tanh_(u));
+    }
+    case activation::identity: return x;
+  }
+  return x;
+}
+
+/// act'(x), the same formulas as smear::detail::activate_derivative.
+template <class T>
+SMEAR_HOST_DEVICE T activate_derivative(activation a, T x) {
+  switch (a) {
+    case activation::silu: {
+      const T s = T(1) / (T(1) + exp_(-x));
+      return s * (T(1) + x * (T(1) - s));
+    }
+    case activation::relu: return x > T(0) ? T(1) : T(0);
+    case activation::gelu: {
+      const T u = T(0.7978845608028654) * (x + T(0.044715) * x * x * x);
+      const T t = tanh_(u);
+      const T du = T(0.7978845608028654) * (T(1) + T(3 * 0.044715) * x * x);
+      return T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * du;
+    }
+    case activation::identity: return T(1);
+  }
+  return T(1);
+}
+
+/// Valid rows of example b.
+SMEAR_HOST_DEVICE inline std::size_t rows_of(const std::int32_t* lengths, std::size_t b,
+                                             std::size_t length) {
+  return lengths == nullptr ? length : static_cast<std::size_t>(lengths[b]);
+}
+
+template <class Policy, class F>
+void for_each_index(Policy&& policy, std::size_t n, F f) {
+  if (n == 0) return;
+  thrust::for_each_n(policy, thrust::counting_iterator<std::size_t>(0), n, f);
+}
+
+// ---- router ---------------------------------------------------------------------------------
+
+template <class T>
+struct pool_fn {
+  const T* x;
+  const std::int32_t* lengths;
+  T* h;
+  std::size_t L, d;
+  bool all_rows;
+  SMEAR_HOST_DEVICE void operator()(std::size_t i) const {
+    const std::size_t b = i / d, j = i % d;
+    const std::size_t rows = all_rows ? L : rows_of(lengths, b, L);
+    T s = T(0);
+    for (std::size_t t = 0; t < rows; ++t) s += x[(b * L + t) * d + j];
+    h[i] = s * (T(1) / static_cast<T>(rows));
+  }
+};
+
+/// h[b] = mean of x[b]'s valid rows (all L rows when `all_rows`): [B, d].
+template <class T, class Policy>
+void pool(Policy&& policy, const T* x, const std::int32_t* lengths, std::size_t B, std::size_t L,
+          std::size_t d, bool all_rows, T* h) {
+  for_each_index(policy, B * d, pool_fn<T>{x, lengths, h, L, d, all_rows});
+}
+
+template <class T>
+struct layer_norm_fn {
+  const T* h;
+  const T* gain;
+  const T* shift;
+  T* normed;
+  T* features;
+  T* rstd;
+  std::size_t d;
+  T eps;
+  SMEAR_HOST_DEVICE void operator()(std::size_t b) const {
+    const T* hb = h + b * d;
+    T mean = 0, var = 0;
+    for (std::size_t j = 0; j < d; ++j) mean += hb[j];
+    mean /= static_cast<T>(d);
+    for (std::size_t j = 0; j < d; ++j) var += (hb[j] - mean) * (hb[j] - mean);
+    var /= static_cast<T>(d);
+    const T r = T(1) / sqrt_(var + eps);
+    rstd[b] = r;
+    for (std::size_t j = 0; j < d; ++j) {
+      const T n = (hb[j] - mean) * r;
+      normed[b * d + j] = n;
+      features[b * d + j] = n * gain[j] + shift[j];
+    }
+  }
+};
+
+/// Per row b of h [B, d]: normed = (h − mean)·rstd, features = normed ⊙ gain + shift.
+template <class T, class Policy>
+void layer_norm(Policy&& policy, const T* h, const T* gain, const T* shift, std::size_t B,
+                std::size_t d, T eps, T* normed, T* features, T* rstd) {
+  for_each_index(policy, B, layer_norm_fn<T>{h, gain, shift, normed, features, rstd, d, eps});
+}
+
+template <class T>
+struct softmax_fn {
+  T* z;
+  const T* bias;
+  T* keep;
+  T* soft;
+  T* used;
+  T* kept;
+  std::size_t N;
+  T inv_t;
+  SMEAR_HOST_DEVICE void operator()(std::size_t b) const {
+    T* zb = z + b * N;
+    T* pb = soft + b * N;
+    T* ub = used + b * N;
+    T* kb = keep + b * N;
+    T zmax = (zb[0] + bias[0]) * inv_t;
+    for (std::size_t e = 0; e < N; ++e) {
+      zb[e] += bias[e];
+      zmax = zb[e] * inv_t > zmax ? zb[e] * inv_t : zmax;
+    }
+    T sum = 0;
+    for (std::size_t e = 0; e < N; ++e) sum += (pb[e] = exp_(zb[e] * inv_t - zmax));
+    T k = 0;
+    for (std::size_t e = 0; e < N; ++e) {
+      pb[e] /= sum;
+      k += kb[e] * pb[e];
+    }
+    if (!(k > T(0))) {  // every expert dropped: keep them all
+      for (std::size_t e = 0; e < N; ++e) kb[e] = T(1);
+      k = T(1);
+    }
+    kept[b] = k;
+    for (std::size_t e = 0; e < N; ++e) ub[e] = kb[e] * pb[e] / k;
+  }
+};
+
+/// Per row b: z += bias; soft = softmax(z·inv_t); used = keep ⊙ soft / ⟨keep, soft⟩ (all kept
+/// when that is 0, and then `keep`'s row becomes all ones); kept[b] = the normaliser. `keep`
+/// is a 0/1 mask [B, N].
+template <class T, class Policy>
+void softmax_dropout(Policy&& policy, T* z, const T* bias, T* keep, std::size_t B,
+                     std::size_t N, T inv_t, T* soft, T* used, T* kept) {
+  for_each_index(policy, B, softmax_fn<T>{z, bias, keep, soft, used, kept, N, inv_t});
+}
+
+template <class T>
+struct softmax_backward_fn {
+  const T* g;
+  const T* soft;
+  const T* used;
+  const T* keep;
+  const T* kept;
+  T* dz;
+  std::size_t N;
+  T inv_t;
+  SMEAR_HOST_DEVICE void operator()(std::size_t b) const {
+    const T* gb = g + b * N;
+    const T* pb = soft + b * N;
+    const T* ub = used + b * N;
+    const T* kb = keep + b * N;
+    T gu = 0;
+    for (std::size_t e = 0; e < N; ++e) gu += gb[e] * ub[e];
+    T gp = 0;
+    for (std::size_t e = 0; e < N; ++e) gp += kb[e] / kept[b] * (gb[e] - gu) * pb[e];
+    for (std::size_t e = 0; e < N; ++e)
+      dz[b * N + e] = pb[e] * (kb[e] / kept[b] * (gb[e] - gu) - gp) * inv_t;
+  }
+};
+
+/// ∂ℓ/∂z [B, N] from ∂ℓ/∂used = g, through the dropout renormalisation and softmax(z·inv_t).
+template <class T, class Policy>
+void softmax_dropout_backward(Policy&& policy, const T* g, const T* soft, const T* used,
+                              const T* keep, const T* kept, std::size_t B, std::size_t N, T inv_t,
+                              T* dz) {
+  for_each_index(policy, B, softmax_backward_fn<T>{g, soft, used, keep, kept, dz, N, inv_t});
+}
+
+template <class T>
+struct column_sums_fn {
+  const T* a;
+  const T* weight;  // optional second factor: Σ_b a(b, j)·weight(b, j)
+  T* out;
+  std::size_t rows, cols;
+  SMEAR_HOST_DEVICE void operator()(std::size_t j) const {
+    T s = 0;
+    for (std::size_t i = 0; i < rows; ++i)
+      s += weight ? a[i * cols + j] * weight[i * cols + j] : a[i * cols + j];
+    out[j] += s;
+  }
+};
+
+/// out[j] += Σ_i a(i, j) (· w(i, j) when `w` is not null), a and w [rows, cols].
+template <class T, class Policy>
+void add_column_sums(Policy&& policy, const T* a, const T* w, std::size_t rows, std::size_t cols,
+                     T* out) {
+  for_each_index(policy, cols, column_sums_fn<T>{a, w, out, rows, cols});
+}
+
+template <class T>
+struct layer_norm_backward_fn {
+  T* df;
+  const T* normed;
+  const T* gain;
+  const T* rstd;
+  std::size_t d;
+  SMEAR_HOST_DEVICE void operator()(std::size_t b) const {
+    T* dfb = df + b * d;
+    const T* nb = normed + b * d;
+    T mean_dn = 0, mean_dn_n = 0;
+    for (std::size_t j = 0; j < d; ++j) {
+      dfb[j] *= gain[j];
+      mean_dn += dfb[j];
+      mean_dn_n += dfb[j] * nb[j];
+    }
+    mean_dn /= static_cast<T>(d);
+    mean_dn_n /= static_cast<T>(d);
+    for (std::size_t j = 0; j < d; ++j) dfb[j] = rstd[b] * (dfb[j] - mean_dn - nb[j] * mean_dn_n);
+  }
+};
+
+/// LayerNorm backward: dgain += Σ_b df ⊙ normed, dshift += Σ_b df, then df [B, d] becomes ∂ℓ/∂h
+/// in place.
+template <class T, class Policy>
+void layer_norm_backward(Policy&& policy, T* df, const T* normed, const T* gain, const T* rstd,
+                         std::size_t B, std::size_t d, T* dgain, T* dshift) {
+  add_column_sums(policy, static_cast<const T*>(df), normed, B, d, dgain);
+  add_column_sums(policy, static_cast<const T*>(df), static_cast<const T*>(nullptr), B, d, dshift);
+  for_each_index(policy, B, layer_norm_backward_fn<T>{df, normed, gain, rstd, d});
+}
+
+template <class T>
+struct spread_fn {
+  const T* dh;
+  const std::int32_t* lengths;
+  T* dx;
+  std::size_t L, d;
+  bool all_rows;
+  SMEAR_HOST_DEVICE void operator()(std::size_t i) const {
+    const std::size_t j = i % d, t = (i / d) % L, b = i / (d * L);
+    const std::size_t rows = all_rows ? L : rows_of(lengths, b, L);
+    if (t < rows) dx[i] += dh[b * d + j] / static_cast<T>(rows);
+  }
+};
+
+/// dx[b, t] += dh[b] / rows_b on the rows the pooling read (the valid ones, or all with
+/// `all_rows`).
+template <class T, class Policy>
+void spread_pooled(Policy&& policy, const T* dh, const std::int32_t* lengths, std::size_t B,
+                   std::size_t L, std::size_t d, bool all_rows, T* dx) {
+  for_each_index(policy, B * L * d, spread_fn<T>{dh, lengths, dx, L, d, all_rows});
+}
+
+// ---- experts and the block ------------------------------------------------------------------
+
+template <class T>
+struct bias_activate_fn {
+  T* pre;
+  T* act;
+  const T* bias;  // row b at bias + b * bias_stride
+  const std::int32_t* lengths;
+  std::size_t L, c, bias_stride;
+  activation kind;
+  SMEAR_HOST_DEVICE void operator()(std::size_t i) const {
+    const std::size_t j = i % c, t = (i / c) % L, b = i / (c * L);
+    if (t < rows_of(lengths, b, L)) {
+      const T v = pre[i] + bias[b * bias_stride + j];
+      pre[i] = v;
+      act[i] = activate(kind, v);
+    } else {
+      pre[i] = T(0);
+      act[i] = T(0);
+    }
+  }
+};
+
+/// On valid rows: pre += bias_b, act = act(pre); padding rows of both are set to 0.
+/// pre and act are [B, L, c]; bias_b is at `bias + b * bias_stride`.
+template <class T, class Policy>
+void bias_activate(Policy&& policy, activation kind, T* pre, const T* bias, std::size_t bias_stride,
+                   const std::int32_t* lengths, std::size_t B, std::size_t L, std::size_t c, T* act) {
+  for_each_index(policy, B * L * c, bias_activate_fn<T>{pre, act, bias, lengths, L, c, bias_stride, kind});
+}
+
+template <class T>
+struct activation_backward_fn {
+  const T* pre;
+  T* grad;
+  const std::int32_t* lengths;
+  std::size_t L, c;
+  activation kind;
+  SMEAR_HOST_DEVICE void operator()(std::size_t i) const {
+    const std::size_t t = (i / c) % L, b = i / (c * L);
+    grad[i] = t < rows_of(lengths, b, L) ? grad[i] * activate_derivative(kind, pre[i]) : T(0);
+  }
+};
+
+/// grad ⊙= act'(pre) on valid rows, 0 on padding rows; both [B, L, c].
+template <class T, class Policy>
+void activation_backward(Policy&& policy, activation kind, const T* pre, const std::int32_t* lengths,
+                         std::size_t B, std::size_t L, std::size_t c, T* grad) {
+  for_each_index(policy, B * L * c, activation_backward_fn<T>{pre, grad, lengths, L, c, kind});
+}
+
+template <class T>
+struct finish_rows_fn {
+  T* out;
+  const T* bias;      // optional, row b at bias + b * bias_stride
+  const T* residual;  // optional, same shape as out
+  const std::int32_t* lengths;
+  std::size_t L, c, bias_stride;
+  SMEAR_HOST_DEVICE void operator()(std::size_t i) const {
+    const std::size_t j = i % c, t = (i / c) % L, b = i / (c * L);
+    if (t < rows_of(lengths, b, L)) {
+      T v = out[i];
+      if (bias) v += bias[b * bias_stride + j];
+      if (residual) v += residual[i];
+      out[i] = v;
+    } else {
+      out[i] = T(0);
+    }
+  }
+};
+
+/// On valid rows of out [B, L, c]: out += bias_b (when bias) + residual (when residual);
+/// padding rows are set to 0.
+template <class T, class Policy>
+void finish_rows(Policy&& policy, T* out, const T* bias, std::size_t bias_stride, const T* residual,
+                 const std::int32_t* lengths, std::size_t B, std::size_t L, std::size_t c) {
+  for_each_index(policy, B * L * c, finish_rows_fn<T>{out, bias, residual, lengths, L, c, bias_stride});
+}
+
+template <class T>
+struct masked_copy_fn {
+  const T* in;
+  T* out;
+  const std::int32_t* lengths;
+  std::size_t L, c;
+  SMEAR_HOST_DEVICE void operator()(std::size_t i) const {
+    const std::size_t t = (i / c) % L, b = i / (c * L);
+    out[i] = t < rows_of(lengths, b, L) ? in[i] : T(0);
+  }
+};
+
+/// out = in on valid rows, 0 on padding rows; [B, L, c].
+template <class T, class Policy>
+void masked_copy(Policy&& policy, const T* in, const std::int32_t* lengths, std::size_t B,
+                 std::size_t L, std::size_t c, T* out) {
+  for_each_index(policy, B * L * c, masked_copy_fn<T>{in, out, lengths, L, c});
+}
+
+template <class T>
+struct row_sums_fn {
+  const T* a;
+  const std::int32_t* lengths;
+  T* out;
+  std::size_t L, c, out_stride;
+  SMEAR_HOST_DEVICE void operator()(std::size_t i) const {
+    const std::size_t b = i / c, j = i % c;
+    const std::size_t rows = rows_of(lengths, b, L);
+    T s = 0;
+    for (std::size_t t = 0; t < rows; ++t) s += a[(b * L + t) * c + j];
+    out[b * out_stride + j] = s;
+  }
+};
+
+/// out_b = Σ over example b's valid rows of a [B, L, c]; out_b is at out + b * out_stride.
+template <class T, class Policy>
+void example_column_sums(Policy&& policy, const T* a, const std::int32_t* lengths, std::size_t B,
+                         std::size_t L, std::size_t c, T* out, std::size_t out_stride) {
+  for_each_index(policy, B * c, row_sums_fn<T>{a, lengths, out, L, c, out_stride});
+}
+
+template <class T>
+struct fill_fn {
+  T* out;
+  T value;
+  SMEAR_HOST_DEVICE void operator()(std::size_t i) const { out[i] = value; }
+};
+
+/// out[0, n) = value.
+template <class T, class Policy>
+void fill(Policy&& policy, T* out, std::size_t n, T value) {
+  for_each_index(policy, n, fill_fn<T>{out, value});
+}
+
+}  // namespace smear::device::detail

@@ -1,0 +1,192 @@
+#pragma once
+/// \file backend/cuda/experts.hpp
+/// The experts' forward and backward for the whole padded batch at once, as the cuda backend
+/// runs them: each example's GEMM with its own merged parameters is one strided-batched GEMM
+/// over the padded length L (example b's parameters are row b of the merged [B, P] matrix),
+/// and the element-wise work masks the padding rows.
+///
+/// `device_expert<Expert, Ctx>` exists for adapter, linear and lora; another expert type is
+/// rejected at compile time with a sentence. Contract of every specialisation, for tokens
+/// [B, L, ·] with per-example lengths (null: all rows valid):
+/// - forward(ctx, merged, x, lengths, B, L, y, saved) writes y's valid rows (padding rows are
+///   zeroed by the layer afterwards);
+/// - backward(ctx, merged, x, lengths, B, L, saved, dy, dx, grads, scratch) expects dy's padding
+///   rows to be zero, writes dx's valid rows (padding rows: anything) and every element of
+///   grads [B, P] (row b = ∂ℓ/∂θ̄_b).
+/// Padding rows of x are multiplied by zero, so they must be finite.
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "smear/backend/cuda/elementwise.hpp"
+#include "smear/experts/adapter.hpp"
+#include "smear/experts/linear.hpp"
+#include "smear/experts/lora.hpp"
+
+namespace smear::device {
+
+template <class Expert, class Ctx>
+class device_expert {
+  static_assert(!std::is_same_v<Expert, Expert>,
+                "smear: the cuda backend runs smear::adapter, smear::linear and smear::lora experts; "
+                "specialise smear::device::device_expert for another expert type");
+};
+
+/// Bottleneck adapter: pre = x·W_d (batched), act = act(pre + b_d), y = act·W_u [+ b_u].
+template <class T, class Ctx>
+class device_expert<adapter<T>, Ctx> {
+ public:
+  device_expert(const adapter<T>& e, Ctx&) : d_(e.input_dim()), m_(e.bottleneck()),
+      p_(e.parameter_count()), act_(e.options().act), up_bias_(e.options().up_bias) {}
+
+  std::size_t saved_size(std::size_t B, std::size_t L) const { return 2 * B * L * m_; }
+  std::size_t scratch_size(std::size_t B, std::size_t L) const { return B * L * m_; }
+
+  void forward(Ctx& ctx, const T* merged, const T* x, const std::int32_t* lengths, std::size_t B,
+               std::size_t L, T* y, T* saved) const {
+    T* pre = saved;
+    T* act = saved + B * L * m_;
+    ctx.gemm_batched(false, false, L, m_, d_, T(1), x, d_, L * d_, merged, m_, p_, T(0), pre, m_,
+                     L * m_, B);
+    detail::bias_activate(ctx.policy(), act_, pre, merged + d_ * m_, p_, lengths, B, L, m_, act);
+    ctx.gemm_batched(false, false, L, d_, m_, T(1), static_cast<const T*>(act), m_, L * m_,
+                     merged + up(), d_, p_, T(0), y, d_, L * d_, B);
+    if (up_bias_)
+      detail::finish_rows(ctx.policy(), y, merged + up() + m_ * d_, p_, static_cast<const T*>(nullptr),
+                          lengths, B, L, d_);
+  }
+
+  void backward(Ctx& ctx, const T* merged, const T* x, const std::int32_t* lengths, std::size_t B,
+                std::size_t L, const T* saved, const T* dy, T* dx, T* grads, T* scratch) const {
+    const T* pre = saved;
+    const T* act = saved + B * L * m_;
+    T* dh = scratch;
+    // up-projection: dW_u = Hᵀ·dY, db_u = Σ dY, dH = dY·W_uᵀ
+    ctx.gemm_batched(true, false, m_, d_, L, T(1), act, m_, L * m_, dy, d_, L * d_, T(0),
+                     grads + up(), d_, p_, B);
+    if (up_bias_) detail::example_column_sums(ctx.policy(), dy, lengths, B, L, d_, grads + up() + m_ * d_, p_);
+    ctx.gemm_batched(false, true, L, m_, d_, T(1), dy, d_, L * d_, merged + up(), d_, p_, T(0), dh,
+                     m_, L * m_, B);
+    detail::activation_backward(ctx.policy(), act_, pre, lengths, B, L, m_, dh);
+    // down-projection: dW_d = Xᵀ·dA, db_d = Σ dA, dX = dA·W_dᵀ
+    ctx.gemm_batched(true, false, d_, m_, L, T(1), x, d_, L * d_, static_cast<const T*>(dh), m_,
+                     L * m_, T(0), grads, m_, p_, B);
+    detail::example_column_sums(ctx.policy(), static_cast<const T*>(dh), lengths, B, L, m_,
+                                grads + d_ * m_, p_);
+    ctx.gemm_batched(false, true, L, d_, m_, T(1), static_cast<const T*>(dh), m_, L * m_, merged, m_,
+                     p_, T(0), dx, d_, L * d_, B);
+  }
+
+ private:
+  std::size_t up() const { return d_ * m_ + m_; }
+  std::size_t d_, m_, p_;
+  activation act_;
+  bool up_bias_;
+};
+
+/// Linear expert: y = x·W [+ b].
+template <class T, class Ctx>
+class device_expert<linear<T>, Ctx> {
+ public:
+  device_expert(const linear<T>& e, Ctx&)
+      : in_(e.input_dim()), out_(e.output_dim()), p_(e.parameter_count()), bias_(e.options().bias) {}
+
+  std::size_t saved_size(std::size_t, std::size_t) const { return 0; }
+  std::size_t scratch_size(std::size_t, std::size_t) const { return 0; }
+
+  void forward(Ctx& ctx, const T* merged, const T* x, const std::int32_t* lengths, std::size_t B,
+               std::size_t L, T* y, T*) const {
+    ctx.gemm_batched(false, false, L, out_, in_, T(1), x, in_, L * in_, merged, out_, p_, T(0), y,
+                     out_, L * out_, B);
+    if (bias_)
+      detail::finish_rows(ctx.policy(), y, merged + in_ * out_, p_, static_cast<const T*>(nullptr),
+                          lengths, B, L, out_);
+  }
+
+  void backward(Ctx& ctx, const T* merged, const T* x, const std::int32_t* lengths, std::size_t B,
+                std::size_t L, const T*, const T* dy, T* dx, T* grads, T*) const {
+    ctx.gemm_batched(true, false, in_, out_, L, T(1), x, in_, L * in_, dy, out_, L * out_, T(0), grads,
+                     out_, p_, B);
+    if (bias_) detail::example_column_sums(ctx.policy(), dy, lengths, B, L, out_, grads + in_ * out_, p_);
+    ctx.gemm_batched(false, true, L, in_, out_, T(1), dy, out_, L * out_, merged, out_, p_, T(0), dx,
+                     in_, L * in_, B);
+  }
+
+ private:
+  std::size_t in_, out_, p_;
+  bool bias_;
+};
+
+/// LoRA expert: y = s·(x·A)·B + x·W₀ + b₀, the frozen W₀ and b₀ held on the device.
+template <class T, class Ctx>
+class device_expert<lora<T>, Ctx> {
+ public:
+  /// Reads the frozen map through the expert's own forward (with A = B = 0 it computes
+  /// x·W₀ + b₀): rows of the identity give W₀ + b₀, a zero row gives b₀.
+  device_expert(const lora<T>& e, Ctx& ctx)
+      : in_(e.input_dim()), out_(e.output_dim()), r_(e.rank()), p_(e.parameter_count()), s_(e.scale()) {
+    std::vector<T> zeros(p_, T(0)), eye((in_ + 1) * in_, T(0)), y((in_ + 1) * out_);
+    for (std::size_t i = 0; i < in_; ++i) eye[i * in_ + i] = T(1);
+    std::vector<T> saved(e.saved_size(in_ + 1));
+    e.forward(backend::reference{}, std::span<const T>(zeros), matrix_ref<const T>{eye.data(), in_ + 1, in_},
+              matrix_ref<T>{y.data(), in_ + 1, out_}, std::span<T>(saved));
+    std::vector<T> w0(in_ * out_), b0(y.begin() + static_cast<std::ptrdiff_t>(in_ * out_), y.end());
+    for (std::size_t i = 0; i < in_; ++i)
+      for (std::size_t j = 0; j < out_; ++j) w0[i * out_ + j] = y[i * out_ + j] - b0[j];
+    auto nonzero = [](const std::vector<T>& v) {
+      for (T a : v)
+        if (a != T(0)) return true;
+      return false;
+    };
+    has_w0_ = nonzero(w0);
+    has_b0_ = nonzero(b0);
+    if (has_w0_) {
+      w0_.reserve(w0.size(), "the lora expert's frozen weight");
+      ctx.to_device(w0_.data(), w0.data(), w0.size());
+    }
+    if (has_b0_) {
+      b0_.reserve(b0.size(), "the lora expert's frozen bias");
+      ctx.to_device(b0_.data(), b0.data(), b0.size());
+    }
+    ctx.synchronize();
+  }
+
+  std::size_t saved_size(std::size_t B, std::size_t L) const { return B * L * r_; }
+  std::size_t scratch_size(std::size_t B, std::size_t L) const { return B * L * r_; }
+
+  void forward(Ctx& ctx, const T* merged, const T* x, const std::int32_t* lengths, std::size_t B,
+               std::size_t L, T* y, T* saved) const {
+    ctx.gemm_batched(false, false, L, r_, in_, T(1), x, in_, L * in_, merged, r_, p_, T(0), saved, r_,
+                     L * r_, B);
+    ctx.gemm_batched(false, false, L, out_, r_, s_, static_cast<const T*>(saved), r_, L * r_,
+                     merged + in_ * r_, out_, p_, T(0), y, out_, L * out_, B);
+    if (has_w0_) ctx.gemm(false, false, B * L, out_, in_, T(1), x, in_, w0_.data(), out_, T(1), y, out_);
+    if (has_b0_)
+      detail::finish_rows(ctx.policy(), y, b0_.data(), 0, static_cast<const T*>(nullptr), lengths, B, L,
+                          out_);
+  }
+
+  void backward(Ctx& ctx, const T* merged, const T* x, const std::int32_t*, std::size_t B,
+                std::size_t L, const T* saved, const T* dy, T* dx, T* grads, T* scratch) const {
+    // dB = s·(xA)ᵀ·dY, d(xA) = s·dY·Bᵀ, dA = xᵀ·d(xA), dx = d(xA)·Aᵀ + dY·W₀ᵀ
+    ctx.gemm_batched(true, false, r_, out_, L, s_, saved, r_, L * r_, dy, out_, L * out_, T(0),
+                     grads + in_ * r_, out_, p_, B);
+    ctx.gemm_batched(false, true, L, r_, out_, s_, dy, out_, L * out_, merged + in_ * r_, out_, p_, T(0),
+                     scratch, r_, L * r_, B);
+    ctx.gemm_batched(true, false, in_, r_, L, T(1), x, in_, L * in_, static_cast<const T*>(scratch), r_,
+                     L * r_, T(0), grads, r_, p_, B);
+    ctx.gemm_batched(false, true, L, in_, r_, T(1), static_cast<const T*>(scratch), r_, L * r_, merged, r_,
+                     p_, T(0), dx, in_, L * in_, B);
+    if (has_w0_) ctx.gemm(false, true, B * L, in_, out_, T(1), dy, out_, w0_.data(), out_, T(1), dx, in_);
+  }
+
+ private:
+  std::size_t in_, out_, r_, p_;
+  T s_;
+  bool has_w0_ = false, has_b0_ = false;
+  typename Ctx::template buffer<T> w0_, b0_;
+};
+
+}  // namespace smear::device

@@ -1,0 +1,88 @@
+#pragma once
+// The cuda backend's layer against the reference layer: the same parameters, inputs and
+// dropout draws must give the same outputs, routing and gradients, forward and backward. Used
+// by the host build (the cuda algorithm on a CPU through device::host_context) and by the GPU
+// build (device::context), each with its own `Memory` (how tensors reach the layer's memory).
+
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "smear/smear.hpp"
+#include "support/testing.hpp"
+
+namespace smear::testing {
+
+struct agreement_case {
+  std::size_t B = 3, L = 5;
+  bool full = false;         ///< no lengths: every example full
+  bool train = true;
+  int steps = 2;             ///< forward/backward pairs; gradients accumulate across them
+};
+
+/// Runs `c.steps` forward/backward pairs of `ref` (reference backend) and `fast` (a
+/// device_layer-like block built with the same prototype, options and seed), with random
+/// parameters, inputs (padding rows included) and output gradients, and compares everything.
+/// `mem` moves tensors: `mem.upload(std::vector<T>)` returns an owner with data(), and
+/// `mem.download(const T*, n)` returns a std::vector<T>.
+template <class Ref, class Fast, class Memory>
+void check_agreement(Ref& ref, Fast& fast, Memory& mem, agreement_case c, std::uint64_t seed) {
+  using T = typename Ref::value_type;
+  constexpr std::size_t N = Ref::experts;
+  const std::size_t din = ref.input_dim(), dout = ref.output_dim(), B = c.B, L = c.L;
+  rng gen{seed};
+  // random (not freshly initialised) parameters, so every path carries signal
+  auto bank = ref.bank().values();
+  for (std::size_t i = 0; i < bank.rows * bank.cols; ++i) bank.data[i] = static_cast<T>(0.3 * gen.normal());
+  for (auto& v : ref.router().values()) v = static_cast<T>(0.5 * gen.normal());
+  std::copy_n(bank.data, bank.rows * bank.cols, fast.bank().values().data);
+  std::copy(ref.router().values().begin(), ref.router().values().end(), fast.router().values().begin());
+  fast.upload();
+  ref.zero_grad();
+  fast.zero_grad();
+  ref.train(c.train);
+  fast.train(c.train);
+  ref.reseed(seed + 1);
+  fast.reseed(seed + 1);
+
+  const double tol = tolerance<T>() * std::sqrt(static_cast<double>(din + L * B + N));
+  for (int step = 0; step < c.steps; ++step) {
+    std::vector<std::int32_t> lengths;
+    if (!c.full) {
+      lengths.resize(B);
+      for (auto& l : lengths) l = static_cast<std::int32_t>(1 + gen.below(L));
+    }
+    const auto x = random_vector<T>(B * L * din, gen);
+    const auto dy = random_vector<T>(B * L * dout, gen);
+    auto xd = mem.upload(x);
+    auto dyd = mem.upload(dy);
+    auto yd = mem.upload(std::vector<T>(B * L * dout, T(7)));    // garbage the layer must overwrite
+    auto dxd = mem.upload(std::vector<T>(B * L * din, T(-3)));
+    std::vector<T> y0(dy.size()), dx0(x.size());
+    ref.forward(make_tokens<const T>(x.data(), B, L, din, lengths), y0);
+    fast.forward(make_tokens<const T>(xd.data(), B, L, din, lengths), {yd.data(), y0.size()});
+    ref.backward(dy, dx0);
+    fast.backward({dyd.data(), dy.size()}, {dxd.data(), dx0.size()});
+    fast.download();
+    const auto y1 = mem.download(yd.data(), y0.size());
+    const auto dx1 = mem.download(dxd.data(), dx0.size());
+    auto flat = [](auto m) { return std::vector<T>(m.data, m.data + m.rows * m.cols); };
+    INFO("step " << step << ", B = " << B << ", L = " << L << ", N = " << N);
+    CHECK(relative_error(flat(fast.routing()), flat(ref.routing())) < tol);
+    CHECK(relative_error(y1, y0) < tol);
+    CHECK(relative_error(dx1, dx0) < tol);
+    CHECK(relative_error(flat(fast.bank().gradients()), flat(ref.bank().gradients())) < tol);
+    CHECK(relative_error(fast.router().gradients(), ref.router().gradients()) < tol);
+    // the comparison is not vacuous: outputs and gradients carry signal
+    double ymax = 0, gmax = 0;
+    for (T v : y0) ymax = std::max(ymax, std::abs(static_cast<double>(v)));
+    for (T v : ref.router().gradients()) gmax = std::max(gmax, std::abs(static_cast<double>(v)));
+    CHECK(ymax > 1e-3);
+    CHECK(gmax > 1e-6);
+  }
+}
+
+}  // namespace smear::testing
