@@ -1,0 +1,140 @@
+#pragma once
+/// \file routing/strategy.hpp
+/// The routing strategies the SMEAR paper compares, chosen by one run-time option of a layer.
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "smear/error.hpp"
+
+namespace smear {
+
+/// How a layer combines its experts.
+enum class strategy {
+  smear,          ///< merge the experts' parameters by the router's p (the paper's method)
+  ensemble,       ///< y = Σ_e p_e f(x; θ_e): exact gradients, N times the cost
+  top_k,          ///< run the k chosen experts; the router learns through an `estimator`
+  tag,            ///< expert = the example's tag (task or domain id); no router
+  hash,           ///< expert = a fixed seeded hash of the example; no router
+  adamix,         ///< training: a random expert per example (per parameter group); inference: the average
+  latent_skills,  ///< a learned task × expert allocation (relaxed Bernoulli), merged per task
+};
+
+/// The gradient estimator of top-k routing.
+enum class estimator {
+  st_gumbel,  ///< straight-through Gumbel-softmax: hard top-k forward, gradients through the relaxed
+              ///< sample s = softmax((z + Gumbel) / τ), τ = the router's temperature
+  reinforce,  ///< score function with a baseline; needs each example's loss in backward()
+  dselect,    ///< DSelect-k: smooth-step gates over the experts' binary codes (k = 1)
+};
+
+/// The baseline REINFORCE subtracts from each example's loss.
+enum class baseline {
+  moving_average,  ///< exponential moving average of the per-example loss
+  learned,         ///< a linear–linear net on the (detached) router features, trained to predict the loss
+};
+
+/// Strategy options; the defaults follow the official SMEAR code where it has one.
+struct strategy_options {
+  smear::strategy strategy = smear::strategy::smear;
+  std::size_t k = 1;                                    ///< top_k: experts run per example (ST-Gumbel: any k ≤ N)
+  smear::estimator estimator = smear::estimator::st_gumbel;
+  smear::baseline baseline = smear::baseline::moving_average;
+  double baseline_momentum = 0.99;                      ///< moving-average baseline
+  std::size_t baseline_hidden = 16;                     ///< learned baseline width
+  double entropy_bonus = 0.0;                           ///< REINFORCE: add −bonus·H(p) to the loss
+  double dselect_gamma = 1.0;                           ///< DSelect-k smooth-step width γ
+  double dselect_entropy = 0.0;                         ///< DSelect-k: weight of the entropy of the selection
+  double dselect_unused_penalty = 1.0;                  ///< DSelect-k: weight of the mass on codes ≥ N
+  std::size_t tasks = 0;                                ///< latent_skills: number of tasks (tags)
+  double skills_temperature = 1.0;                      ///< latent_skills: relaxed Bernoulli temperature
+  double skills_init = 1e-3;                            ///< latent_skills: logits start in U(−init, init)
+  std::uint64_t hash_seed = 0;                          ///< hash routing
+};
+
+/// Per-batch inputs some strategies need.
+struct route_inputs {
+  std::span<const std::int32_t> tags{};         ///< [B] task/domain ids (tag, latent_skills, task routing)
+  std::span<const std::int32_t> token_ids{};    ///< [B, L] token ids (hash routing)
+  std::span<const std::uint64_t> example_ids{}; ///< [B] stable ids (hash routing without token ids)
+};
+
+constexpr std::string_view to_string(strategy s) noexcept {
+  switch (s) {
+    case strategy::smear: return "smear";
+    case strategy::ensemble: return "ensemble";
+    case strategy::top_k: return "top_k";
+    case strategy::tag: return "tag";
+    case strategy::hash: return "hash";
+    case strategy::adamix: return "adamix";
+    case strategy::latent_skills: return "latent_skills";
+  }
+  return "?";
+}
+
+constexpr std::string_view to_string(estimator e) noexcept {
+  switch (e) {
+    case estimator::st_gumbel: return "st_gumbel";
+    case estimator::reinforce: return "reinforce";
+    case estimator::dselect: return "dselect";
+  }
+  return "?";
+}
+
+/// Parses the names used on command lines: smear, ensemble, tag, hash, adamix, latent_skills,
+/// st_gumbel, reinforce, dselect (the last three are top-1 with that estimator). Throws
+/// value_error listing the names otherwise.
+inline strategy_options parse_strategy(std::string_view name) {
+  strategy_options o;
+  for (auto s : {strategy::smear, strategy::ensemble, strategy::tag, strategy::hash, strategy::adamix,
+                 strategy::latent_skills})
+    if (name == to_string(s)) {
+      o.strategy = s;
+      return o;
+    }
+  for (auto e : {estimator::st_gumbel, estimator::reinforce, estimator::dselect})
+    if (name == to_string(e)) {
+      o.strategy = strategy::top_k;
+      o.estimator = e;
+      return o;
+    }
+  throw value_error(detail::message("unknown strategy '", name,
+                                    "'; known: smear, ensemble, st_gumbel, reinforce, dselect, tag, hash, "
+                                    "adamix, latent_skills"));
+}
+
+/// ⌈log₂ n⌉ for n ≥ 1 (at least 1): the number of DSelect-k gates for n experts.
+constexpr std::size_t ceil_log2(std::size_t n) noexcept {
+  std::size_t b = 0;
+  while ((std::size_t{1} << b) < n) ++b;
+  return b == 0 ? 1 : b;
+}
+
+/// Throws value_error when an option is outside its domain for N experts.
+inline void validate(const strategy_options& o, std::size_t experts) {
+  if (o.strategy == strategy::top_k) {
+    if (o.k < 1 || o.k > experts)
+      throw value_error(detail::message("top_k: k must be in 1..N = 1..", experts, ", got ", o.k));
+    if (o.estimator != estimator::st_gumbel && o.k != 1)
+      throw value_error(detail::message("top_k: ", to_string(o.estimator),
+                                        " is implemented for k = 1, got k = ", o.k));
+    if (!(o.baseline_momentum >= 0.0 && o.baseline_momentum < 1.0))
+      throw value_error(detail::message("top_k: baseline_momentum must be in [0, 1), got ",
+                                        o.baseline_momentum));
+    if (o.baseline == baseline::learned && o.baseline_hidden == 0)
+      throw value_error("top_k: baseline_hidden must be positive");
+    if (!(o.dselect_gamma > 0.0))
+      throw value_error(detail::message("top_k: dselect_gamma must be positive, got ", o.dselect_gamma));
+  }
+  if (o.strategy == strategy::latent_skills) {
+    if (o.tasks == 0) throw value_error("latent_skills: set strategy_options::tasks to the number of tasks");
+    if (!(o.skills_temperature > 0.0))
+      throw value_error(detail::message("latent_skills: skills_temperature must be positive, got ",
+                                        o.skills_temperature));
+  }
+}
+
+}  // namespace smear
