@@ -6,6 +6,7 @@
 #include <smear/io/checkpoint.hpp>
 #include <smear/smear.hpp>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <string>
@@ -261,4 +262,66 @@ TEST_CASE("a failed load names the file and the tensor and changes nothing") {
   CHECK_THROWS_WITH_AS(load(safetensors_file::parse(bytes, "ints.safetensors"), bank, "",
                             [](std::string_view) { return std::string("x"); }),
                        doctest::Contains("has dtype I32"), io_error);
+}
+
+TEST_CASE("checkpoints follow the routing strategy: no router without one, skills and baselines when present") {
+  using E = linear<double>;
+  const E proto{3, 2};
+  auto names = [](const fs::path& p) {
+    std::vector<std::string> out;
+    const auto file = safetensors_file::open(p);
+    for (const auto& t : file.tensors()) out.push_back(t.name);
+    return out;
+  };
+
+  SUBCASE("tag routing stores the experts only") {
+    layer<E, 3> a{proto, {.routing = {.strategy = strategy::tag}}, 1};
+    randomise(a, 1);
+    const auto path = scratch("tag.safetensors");
+    save(path, a);
+    CHECK(names(path) == std::vector<std::string>{"experts.weight", "experts.bias"});
+    layer<E, 3> b{proto, {.routing = {.strategy = strategy::tag}}, 2};
+    load(path, b);
+    CHECK(same_bits(bank_values(b), bank_values(a)));
+  }
+
+  SUBCASE("latent skills add their logits [tasks, N]") {
+    const layer_options opts{.routing = {.strategy = strategy::latent_skills, .tasks = 4}};
+    layer<E, 3> a{proto, opts, 1};
+    randomise(a, 2);
+    for (auto& v : std::span(a.skills().logits().data, 12)) v += 0.5;
+    const auto path = scratch("skills.safetensors");
+    save(path, a, "m.");
+    CHECK(names(path) == std::vector<std::string>{"m.experts.weight", "m.experts.bias", "m.skills.logits"});
+    CHECK(safetensors_file::open(path).at("m.skills.logits").shape == std::vector<std::size_t>{4, 3});
+    layer<E, 3> b{proto, opts, 2};
+    load(path, b, "m.");
+    CHECK(same_bits(bank_values(b), bank_values(a)));
+    CHECK(same_bits(std::span(b.skills().logits().data, 12), std::span(a.skills().logits().data, 12)));
+    // a file without the skills leaves the layer as it was
+    const auto before = bank_values(b);
+    layer<E, 3> plain{proto, {}, 3};
+    randomise(plain, 4);
+    const auto plain_path = scratch("plain.safetensors");
+    save(plain_path, plain, "m.");
+    CHECK_THROWS_WITH_AS(load(plain_path, b, "m."), doctest::Contains("has no tensor 'm.skills.logits'"), io_error);
+    CHECK(same_bits(bank_values(b), before));
+  }
+
+  SUBCASE("REINFORCE with a learned baseline adds its parameters") {
+    const layer_options opts{.routing = {.strategy = strategy::top_k, .estimator = estimator::reinforce,
+                                         .baseline = baseline::learned}};
+    layer<E, 3> a{proto, opts, 1};
+    randomise(a, 5);
+    const auto path = scratch("reinforce.safetensors");
+    save(path, a);
+    const auto n = names(path);
+    CHECK(n.back() == "baseline.parameters");
+    CHECK(std::find(n.begin(), n.end(), "router.weight") != n.end());
+    layer<E, 3> b{proto, opts, 9};
+    CHECK_FALSE(same_bits(b.baseline().values(), a.baseline().values()));
+    load(path, b);
+    CHECK(same_bits(b.baseline().values(), a.baseline().values()));
+    CHECK(same_bits(router_values(b), router_values(a)));
+  }
 }

@@ -19,6 +19,10 @@
 ///     block.3.router.weight              [8, 768]
 ///     block.3.router.bias                [8]
 ///
+/// Layers whose strategy has no learned router (tag, hash, AdaMix, latent skills) store no
+/// router tensors; latent skills add `<prefix>skills.logits` [tasks, N], and REINFORCE with a
+/// learned baseline adds `<prefix>baseline.parameters` [count] (its flat parameter vector).
+///
 /// In PyTorch these are `torch.stack([e.down.weight for e in experts])` etc.; beware that
 /// `nn.Linear.weight` is [out, in] while the adapter's `down.weight` is [in, out].
 ///
@@ -131,6 +135,13 @@ void commit(const staged_values<T>& s) noexcept {
   std::copy(s.values.begin(), s.values.end(), s.destination.begin());
 }
 
+/// Whether the layer trains a learned REINFORCE baseline (which has parameters).
+template <class Layer>
+bool has_learned_baseline(const Layer& l) noexcept {
+  const auto& s = l.strategy();
+  return s.strategy == strategy::top_k && s.estimator == estimator::reinforce && s.baseline == baseline::learned;
+}
+
 inline void add_metadata(safetensors_writer& out, const save_options& options) {
   out.metadata("format", "pt");
   out.metadata("smear.version", std::to_string(SMEAR_VERSION_MAJOR) + "." + std::to_string(SMEAR_VERSION_MINOR) +
@@ -169,12 +180,26 @@ void add(safetensors_writer& out, const router<T>& r, std::string_view prefix = 
     out.add(std::string(prefix) + "router." + s.name, r.values().subspan(s.offset, s.size()), s.shape, as);
 }
 
-/// Adds the layer's bank and router to `out`.
+/// Adds the layer's tensors to `out`: the bank, the router when the strategy uses one, the
+/// latent skills and a learned REINFORCE baseline when present. (The layer is taken by
+/// non-const reference because the skills and baseline accessors are non-const; nothing in
+/// it changes.)
 template <class Expert, std::size_t N, class Backend>
-void add(safetensors_writer& out, const layer<Expert, N, Backend>& l, std::string_view prefix = "",
+void add(safetensors_writer& out, layer<Expert, N, Backend>& l, std::string_view prefix = "",
          std::optional<dtype> as = std::nullopt) {
-  add(out, l.bank(), prefix, as);
-  add(out, l.router(), prefix, as);
+  using T = typename Expert::value_type;
+  const auto& cl = l;
+  add(out, cl.bank(), prefix, as);
+  if (cl.uses_router()) add(out, cl.router(), prefix, as);
+  if (cl.strategy().strategy == strategy::latent_skills) {
+    const auto logits = l.skills().logits();
+    out.add(std::string(prefix) + "skills.logits", std::span<const T>(logits.data, logits.rows * logits.cols),
+            {logits.rows, logits.cols}, as);
+  }
+  if (detail::has_learned_baseline(cl)) {
+    const auto v = l.baseline().values();
+    out.add(std::string(prefix) + "baseline.parameters", std::span<const T>(v), {v.size()}, as);
+  }
 }
 
 // ---- loading from an open file (several banks, routers or layers in one file) ----
@@ -192,21 +217,37 @@ void load(const safetensors_file& file, router<T>& r, std::string_view prefix = 
   detail::commit(detail::stage(file, r, prefix, map));
 }
 
-/// Loads the layer's bank and router from `file`; all or nothing.
+/// Loads the layer's tensors (those add() writes for its strategy) from `file`; all or nothing.
 template <class Expert, std::size_t N, class Backend>
 void load(const safetensors_file& file, layer<Expert, N, Backend>& l, std::string_view prefix = "",
           const name_map& map = {}) {
-  auto experts = detail::stage(file, l.bank(), prefix, map);
-  auto routing = detail::stage(file, l.router(), prefix, map);
-  detail::commit(experts);
-  detail::commit(routing);
+  using T = typename Expert::value_type;
+  std::vector<detail::staged_values<T>> staged;
+  staged.push_back(detail::stage(file, l.bank(), prefix, map));
+  if (l.uses_router()) staged.push_back(detail::stage(file, l.router(), prefix, map));
+  if (l.strategy().strategy == strategy::latent_skills) {
+    auto logits = l.skills().logits();
+    detail::staged_values<T> s{{logits.data, logits.rows * logits.cols}, std::vector<T>(logits.rows * logits.cols)};
+    detail::read_checked(file, std::string(prefix) + "skills.logits", map, {logits.rows, logits.cols},
+                         "the latent skills", std::span<T>(s.values));
+    staged.push_back(std::move(s));
+  }
+  if (detail::has_learned_baseline(l)) {
+    auto v = l.baseline().values();
+    detail::staged_values<T> s{v, std::vector<T>(v.size())};
+    detail::read_checked(file, std::string(prefix) + "baseline.parameters", map, {v.size()},
+                         "the REINFORCE baseline", std::span<T>(s.values));
+    staged.push_back(std::move(s));
+  }
+  for (const auto& s : staged) detail::commit(s);
+  l.invalidate_cache();
 }
 
 // ---- one object per file ----
 
 namespace detail {
 template <class Object>
-void save_one(const std::filesystem::path& path, const Object& object, std::string_view prefix,
+void save_one(const std::filesystem::path& path, Object& object, std::string_view prefix,
               const save_options& options) {
   safetensors_writer out;
   add_metadata(out, options);
@@ -221,7 +262,7 @@ void save_one(const std::filesystem::path& path, const Object& object, std::stri
 ///
 /// Example: `smear::save("block.safetensors", block, "block.0.");`
 template <class Expert, std::size_t N, class Backend>
-void save(const std::filesystem::path& path, const layer<Expert, N, Backend>& l, std::string_view prefix = "",
+void save(const std::filesystem::path& path, layer<Expert, N, Backend>& l, std::string_view prefix = "",
           const save_options& options = {}) {
   detail::save_one(path, l, prefix, options);
 }

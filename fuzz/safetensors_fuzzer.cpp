@@ -1,0 +1,39 @@
+// libFuzzer target for the safetensors loader: any input must either load or throw
+// smear::io_error; anything else (a crash, a sanitizer report, another exception, a leak)
+// is a bug. Inputs that parse are read in both precisions, loaded into a small bank and
+// router (names from the checkpoint scheme), written back and parsed again.
+
+#include <smear/io/checkpoint.hpp>
+#include <smear/smear.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  try {
+    const auto file = smear::safetensors_file::parse(std::span<const unsigned char>(data, size), "fuzz input");
+    smear::safetensors_writer again;
+    for (const auto& t : file.tensors()) {
+      if (!smear::is_floating(t.type)) continue;
+      const auto f = file.read<float>(t.name);
+      const auto d = file.read<double>(t.name);
+      if (f.size() != t.elements() || d.size() != t.elements()) __builtin_trap();
+      again.add(t.name, std::span<const double>(d), t.shape, t.type);
+    }
+    smear::safetensors_file::parse(again.serialize(), "fuzz output");  // must be valid
+
+    smear::expert_bank<smear::linear<float>, 2> bank{smear::linear<float>{2, 3}};
+    smear::router<float> router{2, 2};
+    try {
+      smear::load(file, bank, "");
+    } catch (const smear::io_error&) {
+    }
+    try {
+      smear::load(file, router, "");
+    } catch (const smear::io_error&) {
+    }
+  } catch (const smear::io_error&) {
+  }
+  return 0;
+}
