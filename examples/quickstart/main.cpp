@@ -7,7 +7,9 @@
 // routing buys. At the end the router's average distribution per task shows which experts
 // specialised.
 //
-// Usage: quickstart [epochs] [seed]
+// Usage: quickstart [epochs] [seed] [strategy]
+// strategy: smear (default), ensemble, st_gumbel, reinforce, dselect, tag, hash, adamix,
+// latent_skills — the same block under another routing strategy.
 
 #include <smear/smear.hpp>
 
@@ -25,7 +27,7 @@ constexpr std::size_t steps_per_epoch = 25;
 struct dataset {
   std::vector<float> x, target;
   std::vector<std::int32_t> lengths;
-  std::vector<int> task;
+  std::vector<std::int32_t> task;
 };
 
 /// Draws one batch: random tasks, random lengths, x = noise + task direction,
@@ -42,7 +44,7 @@ dataset draw(smear::rng& gen, const smear::adapter<float>& shape,
   for (std::size_t b = 0; b < batch; ++b) {
     const auto t = static_cast<std::size_t>(gen.below(tasks));
     const auto len = static_cast<std::size_t>(4 + gen.below(max_len - 3));
-    d.task[b] = static_cast<int>(t);
+    d.task[b] = static_cast<std::int32_t>(t);
     d.lengths[b] = static_cast<std::int32_t>(len);
     float* xb = d.x.data() + b * max_len * dim;
     for (std::size_t i = 0; i < len * dim; ++i)
@@ -56,19 +58,26 @@ dataset draw(smear::rng& gen, const smear::adapter<float>& shape,
   return d;
 }
 
-/// Mean squared error over valid tokens; writes dℓ/dy.
-float mse(const dataset& d, const std::vector<float>& y, std::vector<float>& dy) {
+/// Mean squared error over valid tokens; writes dℓ/dy and each example's own mean squared
+/// error (what REINFORCE's estimator needs).
+float mse(const dataset& d, const std::vector<float>& y, std::vector<float>& dy,
+          std::vector<float>& example_loss) {
   std::size_t count = 0;
   for (auto l : d.lengths) count += static_cast<std::size_t>(l) * dim;
   double loss = 0;
   std::fill(dy.begin(), dy.end(), 0.0f);
-  for (std::size_t b = 0; b < batch; ++b)
-    for (std::size_t i = 0; i < static_cast<std::size_t>(d.lengths[b]) * dim; ++i) {
+  for (std::size_t b = 0; b < batch; ++b) {
+    const std::size_t n = static_cast<std::size_t>(d.lengths[b]) * dim;
+    double own = 0;
+    for (std::size_t i = 0; i < n; ++i) {
       const std::size_t k = b * max_len * dim + i;
       const float r = y[k] - d.target[k];
-      loss += double(r) * r;
+      own += double(r) * r;
       dy[k] = 2.0f * r / static_cast<float>(count);
     }
+    loss += own;
+    example_loss[b] = static_cast<float>(own / static_cast<double>(n));
+  }
   return static_cast<float>(loss / static_cast<double>(count));
 }
 
@@ -79,16 +88,17 @@ float train(Layer& block, const char* name, std::size_t epochs, std::uint64_t se
             const std::vector<std::vector<float>>& directions) {
   smear::adamw<float> opt{block.parameters(), {.lr = 1e-2, .weight_decay = 0.0}};
   smear::rng gen{seed};
-  std::vector<float> y(batch * max_len * dim), dy(y.size()), dx(y.size());
+  std::vector<float> y(batch * max_len * dim), dy(y.size()), dx(y.size()), losses(batch);
   const auto start = std::chrono::steady_clock::now();
   for (std::size_t epoch = 1; epoch <= epochs; ++epoch) {
     double total = 0;
     for (std::size_t s = 0; s < steps_per_epoch; ++s) {
       const auto d = draw(gen, shape, teachers, directions);
-      block.forward(smear::make_tokens<const float>(d.x.data(), batch, max_len, dim, d.lengths), y);
-      total += mse(d, y, dy);
+      block.forward(smear::make_tokens<const float>(d.x.data(), batch, max_len, dim, d.lengths), y,
+                    {.tags = d.task});
+      total += mse(d, y, dy, losses);
       opt.zero_grad();
-      block.backward(dy, dx);
+      block.backward(dy, dx, losses);
       opt.step();
     }
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -103,8 +113,9 @@ float train(Layer& block, const char* name, std::size_t epochs, std::uint64_t se
   double loss = 0;
   for (int i = 0; i < 20; ++i) {
     const auto d = draw(eval, shape, teachers, directions);
-    block.forward(smear::make_tokens<const float>(d.x.data(), batch, max_len, dim, d.lengths), y);
-    loss += mse(d, y, dy);
+    block.forward(smear::make_tokens<const float>(d.x.data(), batch, max_len, dim, d.lengths), y,
+                  {.tags = d.task});
+    loss += mse(d, y, dy, losses);
   }
   return static_cast<float>(loss / 20);
 }
@@ -114,6 +125,14 @@ float train(Layer& block, const char* name, std::size_t epochs, std::uint64_t se
 int main(int argc, char** argv) {
   const std::size_t epochs = argc > 1 ? std::strtoul(argv[1], nullptr, 10) : 30;
   const std::uint64_t seed = argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 1;
+  smear::strategy_options routing;
+  try {
+    if (argc > 3) routing = smear::parse_strategy(argv[3]);
+  } catch (const smear::value_error& e) {
+    std::fprintf(stderr, "quickstart: %s\n", e.what());
+    return 2;
+  }
+  routing.tasks = tasks;  // for latent skills
 
   // the problem: one teacher adapter and one input direction per task
   const smear::adapter<float> shape{dim, bottleneck};
@@ -130,17 +149,19 @@ int main(int argc, char** argv) {
               SMEAR_VERSION_MAJOR, SMEAR_VERSION_MINOR, SMEAR_VERSION_PATCH, tasks, dim, bottleneck,
               max_len, batch);
 
-  // a SMEAR block of 4 adapter experts with the official defaults (LayerNorm router, SiLU
-  // adapters) and the expert dropout the official SMEAR runs use
-  smear::layer<smear::adapter<float>, tasks> block{shape, {.router = {.expert_dropout = 0.1}}, seed};
-  const float smear_loss = train(block, "smear", epochs, seed, shape, teachers, directions);
+  // a block of 4 adapter experts with the official defaults (LayerNorm router, SiLU adapters)
+  // and the expert dropout the official SMEAR runs use
+  smear::layer<smear::adapter<float>, tasks> block{
+      shape, {.router = {.expert_dropout = 0.1}, .routing = routing}, seed};
+  const std::string name{argc > 3 ? argv[3] : "smear"};
+  const float smear_loss = train(block, name.c_str(), epochs, seed, shape, teachers, directions);
 
   // the same budget for one adapter
   smear::layer<smear::adapter<float>, 1> single{shape, {}, seed};
   const float single_loss = train(single, "single", epochs, seed, shape, teachers, directions);
 
-  std::printf("\nheld-out loss: smear (N = %zu) %.4f, single adapter %.4f\n\n", tasks, smear_loss,
-              single_loss);
+  std::printf("\nheld-out loss: %s (N = %zu) %.4f, single adapter %.4f\n\n", name.c_str(), tasks,
+              smear_loss, single_loss);
 
   // the router's average distribution per task
   std::vector<double> sum(tasks * tasks, 0.0);
@@ -149,7 +170,8 @@ int main(int argc, char** argv) {
   std::vector<float> y(batch * max_len * dim);
   for (int i = 0; i < 20; ++i) {
     const auto d = draw(eval, shape, teachers, directions);
-    block.forward(smear::make_tokens<const float>(d.x.data(), batch, max_len, dim, d.lengths), y);
+    block.forward(smear::make_tokens<const float>(d.x.data(), batch, max_len, dim, d.lengths), y,
+                  {.tags = d.task});
     for (std::size_t b = 0; b < batch; ++b) {
       const auto t = static_cast<std::size_t>(d.task[b]);
       ++count[t];
