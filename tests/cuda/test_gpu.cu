@@ -93,6 +93,16 @@ TEST_CASE("cuda layer equals the reference layer: lora, linear, double") {
   }
 }
 
+TEST_CASE("cuda layer equals the reference layer: tag and hash routing") {
+  using E = adapter<float>;
+  SUBCASE("tag") { check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .tags = true}, 61, {.routing = {.strategy = strategy::tag}}); }
+  SUBCASE("hash of token ids") {
+    check<E, 3>(E{9, 3}, {.B = 6, .L = 4, .token_ids = true}, 62,
+                {.routing = {.strategy = strategy::hash, .hash_seed = 5}});
+  }
+  SUBCASE("hash of example ids") { check<E, 5>(E{9, 3}, {.B = 7, .L = 3}, 63, {.routing = {.strategy = strategy::hash}}); }
+}
+
 TEST_CASE("cuda layer errors") {
   using E = adapter<float>;
   stream_guard stream;

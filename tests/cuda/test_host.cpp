@@ -91,6 +91,30 @@ TEST_CASE("cuda algorithm on the host equals the reference layer: lora, linear, 
   }
 }
 
+TEST_CASE("cuda algorithm on the host equals the reference layer: tag and hash routing") {
+  using E = adapter<float>;
+  SUBCASE("tag") { check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .tags = true}, 61, {.routing = {.strategy = strategy::tag}}); }
+  SUBCASE("hash of token ids") {
+    check<E, 3>(E{9, 3}, {.B = 6, .L = 4, .token_ids = true}, 62,
+                {.routing = {.strategy = strategy::hash, .hash_seed = 5}});
+  }
+  SUBCASE("hash of example ids") {
+    check<E, 5>(E{9, 3}, {.B = 7, .L = 3}, 63, {.routing = {.strategy = strategy::hash}});
+  }
+  SUBCASE("strategies the cuda backend does not run are refused by name") {
+    CHECK_THROWS_WITH_AS((host_layer<E, 2>{E{4, 2}, {.routing = {.strategy = strategy::ensemble}}, 1}),
+                         doctest::Contains("'ensemble' runs on the reference and cpu backends"), value_error);
+  }
+  SUBCASE("tag errors") {
+    host_layer<E, 2> block{E{4, 2}, {.routing = {.strategy = strategy::tag}}, 1};
+    std::vector<float> x(2 * 4), y(x.size());
+    std::vector<std::int32_t> tags{0, 2};
+    CHECK_THROWS_WITH_AS(block.forward(make_tokens<const float>(x.data(), 2, 1, 4), y, {.tags = tags}),
+                         doctest::Contains("example 1 has tag 2, expected 0..1"), value_error);
+    CHECK_THROWS_AS(block.forward(make_tokens<const float>(x.data(), 2, 1, 4), y), shape_error);
+  }
+}
+
 TEST_CASE("cuda layer errors name the operation and the shapes") {
   using E = adapter<float>;
   host_layer<E, 3> block{E{6, 2}, {}, 1};

@@ -11,6 +11,7 @@
 /// experts' batched GEMMs give ∂ℓ/∂x and G = ∂ℓ/∂Θ̄; ∂ℓ/∂Θ += Pᵀ·G and ∂ℓ/∂P = G·Θᵀ (two GEMMs);
 /// softmax, router GEMMs and LayerNorm backward; the pooled gradient spread over the tokens.
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -25,7 +26,9 @@
 #include "smear/error.hpp"
 #include "smear/layer.hpp"
 #include "smear/random.hpp"
+#include "smear/routing/hash.hpp"
 #include "smear/routing/router.hpp"
+#include "smear/routing/strategy.hpp"
 #include "smear/tensor.hpp"
 
 namespace smear::device {
@@ -61,7 +64,8 @@ class device_layer {
         residual_(options.residual.value_or(is_residual_expert<Expert>)),
         gen_(seed),
         kernel_(bank_.expert(), *ctx_) {
-    check_strategy(options);
+    validate(opt_.routing, N);
+    check_strategy(opt_.routing);
     if (residual_ && bank_.expert().input_dim() != bank_.expert().output_dim())
       throw value_error(smear::detail::message(
           "layer: residual needs input_dim == output_dim, the expert has ",
@@ -154,65 +158,72 @@ class device_layer {
   /// values) are in the context's memory, x.lengths on the host. Padding rows of x must be
   /// finite; padding rows of y are written as zero. Throws shape_error / value_error before any
   /// work on a bad shape or a host pointer, numeric_error in checked mode.
-  void forward(tokens<const T> x, std::span<T> y) {
+  void forward(tokens<const T> x, std::span<T> y, route_inputs in = {}) {
     constexpr const char* op = "smear::layer<cuda>::forward";
     check_input(x, op);
+    const bool routed = opt_.routing.strategy == strategy::smear;
     if (y.size() != x.batch * x.length * output_dim())
       throw shape_error(smear::detail::message(op, ": y has ", y.size(),
                                                " values, expected [B, L, d_out] = ",
                                                smear::detail::shape(x.batch, x.length, output_dim())));
     ctx_->check_pointer(x.data, op, "x");
     ctx_->check_pointer(y.data(), op, "y");
+    if (!routed) route_fixed(x, in, op);
+    pending_backward_ = false;
     if (opt_.check_finite) check_finite(x.data, x.size(), op, "x");
-    const std::size_t B = x.batch, L = x.length, d = input_dim();
+    const std::size_t B = x.batch, L = x.length;
     reserve(B, L);
-    auto pol = ctx_->policy();
+    choices_valid_ = !routed;
     const std::int32_t* lens = upload_lengths(x);
-    const bool all_rows = router_.options().pool == pooling::mean;
 
-    // keep mask of expert dropout, drawn on the host in the reference backend's order
-    const bool drop = training_ && router_.options().expert_dropout > 0.0;
-    keep_host_.assign(B * N, T(1));
-    if (drop)
-      for (auto& k : keep_host_) k = gen_.uniform() >= router_.options().expert_dropout ? T(1) : T(0);
-    ctx_->to_device(keep_.data(), static_cast<const T*>(keep_host_.data()), B * N, op);
-
-    // router
-    detail::pool(pol, x.data, lens, B, L, d, all_rows, pooled_.data());
-    const T* rv = router_values_.data();
-    const T* features = pooled_.data();
-    if (router_.options().layer_norm) {
-      detail::layer_norm(pol, static_cast<const T*>(pooled_.data()), rv, rv + d, B, d,
-                         static_cast<T>(router_.options().layer_norm_eps), normed_.data(),
-                         features_.data(), rstd_.data());
-      features = features_.data();
-    }
-    ctx_->gemm(false, true, B, N, d, T(1), features, d, rv + weight_offset(), d, T(0), logits_.data(), N);
-    detail::softmax_dropout(pol, logits_.data(), rv + weight_offset() + N * d, keep_.data(), B, N,
-                            inv_temperature(), soft_.data(), used_.data(), kept_.data());
+    if (routed) route(x, lens, op);
+    else ctx_->to_device(used_.data(), static_cast<const T*>(weights_host_.data()), B * N, op);
     // merge: Θ̄ = P·Θ
     ctx_->gemm(false, false, B, P(), N, T(1), static_cast<const T*>(used_.data()), N,
                static_cast<const T*>(bank_values_.data()), P(), T(0), merged_.data(), P());
     // apply
     kernel_.forward(*ctx_, static_cast<const T*>(merged_.data()), x.data, lens, B, L, y.data(),
                     saved_.data());
-    detail::finish_rows(pol, y.data(), static_cast<const T*>(nullptr), 0,
+    detail::finish_rows(ctx_->policy(), y.data(), static_cast<const T*>(nullptr), 0,
                         residual_ ? x.data : static_cast<const T*>(nullptr), lens, B, L, output_dim());
     if (opt_.check_finite) check_finite(y.data(), y.size(), op, "y");
     last_ = x;
     last_lengths_ = lens;
+    last_routed_ = routed;
     pending_backward_ = true;
   }
 
+  /// The experts each example of the last forward ran, [B, 1] on the host: the most probable
+  /// one for smear (waits for the stream), the chosen one for tag and hash routing.
+  matrix_ref<const std::int32_t> choices() {
+    if (!choices_valid_) {
+      routing();
+      choices_host_.resize(batch_);
+      for (std::size_t b = 0; b < batch_; ++b) {
+        const T* w = routing_host_.data() + b * N;
+        choices_host_[b] = static_cast<std::int32_t>(std::max_element(w, w + N) - w);
+      }
+      choices_valid_ = true;
+    }
+    return {choices_host_.data(), batch_, 1};
+  }
+
+  /// The smear, tag and hash strategies add no regulariser: 0.
+  T auxiliary_loss() const noexcept { return T(0); }
+
   /// Given dy for the last forward (in the context's memory), overwrites dx with ∂ℓ/∂x and adds
   /// the parameters' gradients on the device. Padding rows of dy are ignored; those of dx are
-  /// written as zero. Must follow a forward, once.
-  void backward(std::span<const T> dy, std::span<T> dx) {
+  /// written as zero. Must follow a forward, once. `example_losses` ([B] or empty) is accepted
+  /// for the layer interface's sake; the strategies the cuda backend runs do not need it.
+  void backward(std::span<const T> dy, std::span<T> dx, std::span<const T> example_losses = {}) {
     constexpr const char* op = "smear::layer<cuda>::backward";
     if (!pending_backward_)
       throw state_error(smear::detail::message(op, ": no forward to go back through (backward runs "
                                                    "once per forward)"));
     const tokens<const T> x = last_;
+    if (!example_losses.empty() && example_losses.size() != x.batch)
+      throw shape_error(smear::detail::message(op, ": example_losses has ", example_losses.size(),
+                                               " values, expected B = ", x.batch));
     if (dy.size() != x.batch * x.length * output_dim())
       throw shape_error(smear::detail::message(op, ": dy has ", dy.size(),
                                                " values, expected [B, L, d_out] = ",
@@ -243,6 +254,47 @@ class device_layer {
     const T* gm = gmerged_.data();
     ctx_->gemm(true, false, N, P(), B, T(1), static_cast<const T*>(used_.data()), N, gm, P(), T(1),
                bank_grads_.data(), P());
+    if (last_routed_) backward_router(lens, B, L, dx.data());
+    if (opt_.check_finite) {
+      check_finite(dx.data(), dx.size(), op, "dx");
+      check_finite(bank_grads_.data(), N * P(), op, "expert gradients");
+      check_finite(router_grads_.data(), router_.values().size(), op, "router gradients");
+    }
+  }
+
+ private:
+  /// The router's forward: pool, LayerNorm, logits, softmax with dropout into used_.
+  void route(tokens<const T> x, const std::int32_t* lens, const char* op) {
+    const std::size_t B = x.batch, L = x.length, d = input_dim();
+    auto pol = ctx_->policy();
+    const bool all_rows = router_.options().pool == pooling::mean;
+    // keep mask of expert dropout, drawn on the host in the reference backend's order
+    const bool drop = training_ && router_.options().expert_dropout > 0.0;
+    keep_host_.assign(B * N, T(1));
+    if (drop)
+      for (auto& k : keep_host_) k = gen_.uniform() >= router_.options().expert_dropout ? T(1) : T(0);
+    ctx_->to_device(keep_.data(), static_cast<const T*>(keep_host_.data()), B * N, op);
+
+    // router
+    detail::pool(pol, x.data, lens, B, L, d, all_rows, pooled_.data());
+    const T* rv = router_values_.data();
+    const T* features = pooled_.data();
+    if (router_.options().layer_norm) {
+      detail::layer_norm(pol, static_cast<const T*>(pooled_.data()), rv, rv + d, B, d,
+                         static_cast<T>(router_.options().layer_norm_eps), normed_.data(),
+                         features_.data(), rstd_.data());
+      features = features_.data();
+    }
+    ctx_->gemm(false, true, B, N, d, T(1), features, d, rv + weight_offset(), d, T(0), logits_.data(), N);
+    detail::softmax_dropout(pol, logits_.data(), rv + weight_offset() + N * d, keep_.data(), B, N,
+                            inv_temperature(), soft_.data(), used_.data(), kept_.data());
+  }
+
+  /// ∂ℓ/∂P = G·Θᵀ, then softmax, router GEMMs, LayerNorm and the spread into dx (unless detached).
+  void backward_router(const std::int32_t* lens, std::size_t B, std::size_t L, T* dxp) {
+    const std::size_t d = input_dim();
+    auto pol = ctx_->policy();
+    const T* gm = gmerged_.data();
     ctx_->gemm(false, true, B, N, P(), T(1), gm, P(), static_cast<const T*>(bank_values_.data()), P(),
                T(0), dprobs_.data(), N);
     // router
@@ -265,23 +317,57 @@ class device_layer {
                                   static_cast<const T*>(rstd_.data()), B, d, rg, rg + d);
     if (!router_.options().detach_input)
       detail::spread_pooled(pol, static_cast<const T*>(dfeatures_.data()), lens, B, L, d,
-                            router_.options().pool == pooling::mean, dx.data());
-    if (opt_.check_finite) {
-      check_finite(dx.data(), dx.size(), op, "dx");
-      check_finite(bank_grads_.data(), N * P(), op, "expert gradients");
-      check_finite(router_grads_.data(), router_.values().size(), op, "router gradients");
-    }
+                            router_.options().pool == pooling::mean, dxp);
   }
 
- private:
-  /// The cuda backend implements the smear strategy; another one is refused by name.
-  template <class Options>
-  static void check_strategy(const Options& o) {
-    if constexpr (requires { o.routing.strategy; })
-      if (static_cast<int>(o.routing.strategy) != 0)  // 0: strategy::smear
-        throw value_error(smear::detail::message(
-            "smear::layer<cuda>: the cuda backend implements the smear strategy; '",
-            to_string(o.routing.strategy), "' runs on the reference and cpu backends"));
+  /// The cuda backend implements the smear, tag and hash strategies; another one is refused
+  /// by name.
+  static void check_strategy(const strategy_options& o) {
+    if (o.strategy != strategy::smear && o.strategy != strategy::tag && o.strategy != strategy::hash)
+      throw value_error(smear::detail::message(
+          "smear::layer<cuda>: the cuda backend implements the smear, tag and hash strategies; '",
+          to_string(o.strategy), "' runs on the reference and cpu backends"));
+  }
+
+  /// Tag or hash routing: one-hot weights and choices on the host, as the reference layer
+  /// computes them. Checks `in` first.
+  void route_fixed(tokens<const T> x, const route_inputs& in, const char* op) {
+    const std::size_t B = x.batch;
+    const auto s = opt_.routing.strategy;
+    if (s == strategy::tag) {
+      if (in.tags.size() != B)
+        throw shape_error(smear::detail::message(op, ": tag routing needs one tag per example, got ",
+                                                 in.tags.size(), " tags for B = ", B));
+      for (std::size_t b = 0; b < B; ++b)
+        if (in.tags[b] < 0 || static_cast<std::size_t>(in.tags[b]) >= N)
+          throw value_error(smear::detail::message(op, ": example ", b, " has tag ", in.tags[b],
+                                                   ", expected 0..", N - 1, " (one expert per tag)"));
+    } else {
+      if (!in.token_ids.empty() && in.token_ids.size() != B * x.length)
+        throw shape_error(smear::detail::message(op, ": token_ids has ", in.token_ids.size(),
+                                                 " values, expected [B, L] = ",
+                                                 smear::detail::shape(B, x.length)));
+      if (in.token_ids.empty() && !in.example_ids.empty() && in.example_ids.size() != B)
+        throw shape_error(smear::detail::message(op, ": example_ids has ", in.example_ids.size(),
+                                                 " values, expected B = ", B));
+    }
+    weights_host_.assign(B * N, T(0));
+    choices_host_.resize(B);
+    for (std::size_t b = 0; b < B; ++b) {
+      std::size_t e;
+      if (s == strategy::tag) {
+        e = static_cast<std::size_t>(in.tags[b]);
+      } else {
+        const std::uint64_t seed = opt_.routing.hash_seed;
+        const std::uint64_t h =
+            !in.token_ids.empty()
+                ? smear::detail::hash_tokens(in.token_ids.subspan(b * x.length, x.valid(b)), seed)
+                : smear::detail::hash_id(in.example_ids.empty() ? b : in.example_ids[b], seed);
+        e = static_cast<std::size_t>(h % N);
+      }
+      weights_host_[b * N + e] = T(1);
+      choices_host_[b] = static_cast<std::int32_t>(e);
+    }
   }
 
   std::size_t P() const noexcept { return bank_.parameter_count(); }
@@ -367,7 +453,9 @@ class device_layer {
   std::size_t batch_ = 0;
   tokens<const T> last_{};
   const std::int32_t* last_lengths_ = nullptr;
-  bool pending_backward_ = false;
+  bool pending_backward_ = false, last_routed_ = true, choices_valid_ = false;
+  std::vector<T> weights_host_;
+  std::vector<std::int32_t> choices_host_;
 };
 
 }  // namespace smear::device
