@@ -3,8 +3,11 @@
 /// The cpu backend's kernels: GEMMs through Eigen maps over the caller's buffers (no copies),
 /// element-wise loops through xsimd, the batch spread over OpenMP threads when enabled.
 
+#include <algorithm>
 #include <cstddef>
 #include <span>
+#include <type_traits>
+#include <vector>
 
 #include <Eigen/Core>
 #include <xsimd/xsimd.hpp>
@@ -85,24 +88,140 @@ xsimd::batch<T> activate_derivative(activation act, const xsimd::batch<T>& x) {
 
 }  // namespace detail
 
+namespace detail {
+
+/// Eigen's packing buffers for one thread, grown at the first GEMM of a given size and reused:
+/// after a warm-up, GEMMs through this backend do not allocate (Eigen's own products put
+/// buffers over 128 KiB on the heap at every call).
+template <class T>
+struct gemm_buffers {
+  std::vector<T, Eigen::aligned_allocator<T>> a, b;
+};
+template <class T>
+gemm_buffers<T>& thread_gemm_buffers() {
+  thread_local gemm_buffers<T> buffers;
+  return buffers;
+}
+
+/// Eigen's cache blocking over caller-owned packing buffers.
+template <class T>
+class gemm_blocking : public Eigen::internal::level3_blocking<T, T> {
+ public:
+  gemm_blocking(Eigen::Index mc, Eigen::Index nc, Eigen::Index kc) {
+    Eigen::internal::computeProductBlockingSizes<T, T, 1, Eigen::Index>(kc, mc, nc, Eigen::Index{1});
+    this->m_mc = mc;
+    this->m_nc = nc;
+    this->m_kc = kc;
+    auto& buffers = thread_gemm_buffers<T>();
+    const auto size_a = static_cast<std::size_t>(mc * kc), size_b = static_cast<std::size_t>(kc * nc);
+    if (buffers.a.size() < size_a) buffers.a.resize(size_a);
+    if (buffers.b.size() < size_b) buffers.b.resize(size_b);
+    this->m_blockA = buffers.a.data();
+    this->m_blockB = buffers.b.data();
+  }
+};
+
+/// C += alpha · op(A) · op(B) through Eigen's blocked kernel, row-major C, on this thread.
+template <class T, int LhsOrder, int RhsOrder>
+void gemm_blocked(T alpha, const T* a, std::size_t lda, const T* b, std::size_t ldb, matrix_ref<T> c,
+                  std::size_t depth) {
+  using Eigen::Index;
+  // Eigen runs a row-major product as the column-major product of the transposes, so its
+  // blocking is that of [cols, depth]·[depth, rows].
+  gemm_blocking<T> blocking(static_cast<Index>(c.cols), static_cast<Index>(c.rows), static_cast<Index>(depth));
+  Eigen::internal::general_matrix_matrix_product<Index, T, LhsOrder, false, T, RhsOrder, false, Eigen::RowMajor,
+                                                 1>::run(static_cast<Index>(c.rows), static_cast<Index>(c.cols),
+                                                         static_cast<Index>(depth), a, static_cast<Index>(lda), b,
+                                                         static_cast<Index>(ldb), c.data, 1,
+                                                         static_cast<Index>(c.stride), alpha, blocking, nullptr);
+}
+
+/// C = alpha · op(A) · op(B) + beta · C on this thread (the gemm contract below).
+template <class T>
+void gemm_serial(bool trans_a, bool trans_b, T alpha, matrix_ref<const T> a, matrix_ref<const T> b, T beta,
+                 matrix_ref<T> c) {
+  if (c.rows == 0 || c.cols == 0) return;
+  const std::size_t depth = trans_a ? a.rows : a.cols;
+  auto cm = eigen(c);
+  if (beta == T(0)) cm.setZero();
+  else if (beta != T(1)) cm *= beta;
+  if (depth == 0) return;
+  // Matrix-vector and tiny products: Eigen's own GEMV or small-product paths, called on the
+  // plain maps (an `alpha * A` expression would make Eigen copy a row into a heap temporary).
+  if (c.rows == 1 || c.cols == 1 || c.rows + c.cols + depth < 20) {
+    const auto am = eigen(a);
+    const auto bm = eigen(b);
+    auto run = [&](const auto& x, const auto& y) {
+      using x_type = std::remove_cvref_t<decltype(x)>;
+      using y_type = std::remove_cvref_t<decltype(y)>;
+      Eigen::internal::generic_product_impl<x_type, y_type, Eigen::DenseShape, Eigen::DenseShape,
+                                            Eigen::GemmProduct>::scaleAndAddTo(cm, x, y, alpha);
+    };
+    if (!trans_a && !trans_b) run(am, bm);
+    else if (trans_a && !trans_b) run(am.transpose(), bm);
+    else if (!trans_a && trans_b) run(am, bm.transpose());
+    else run(am.transpose(), bm.transpose());
+    return;
+  }
+  // op(A) of a row-major A is row-major; its transpose is column-major with the same stride.
+  if (!trans_a && !trans_b)
+    gemm_blocked<T, Eigen::RowMajor, Eigen::RowMajor>(alpha, a.data, a.stride, b.data, b.stride, c, depth);
+  else if (trans_a && !trans_b)
+    gemm_blocked<T, Eigen::ColMajor, Eigen::RowMajor>(alpha, a.data, a.stride, b.data, b.stride, c, depth);
+  else if (!trans_a && trans_b)
+    gemm_blocked<T, Eigen::RowMajor, Eigen::ColMajor>(alpha, a.data, a.stride, b.data, b.stride, c, depth);
+  else
+    gemm_blocked<T, Eigen::ColMajor, Eigen::ColMajor>(alpha, a.data, a.stride, b.data, b.stride, c, depth);
+}
+
+/// Below this many multiply-adds a GEMM stays on one thread.
+inline constexpr double gemm_parallel_work = 1 << 21;
+
+}  // namespace detail
+
+/// Outside a parallel region, a large GEMM is split over the OpenMP threads by blocks of C's
+/// rows or columns (whichever is longer), each thread running the blocked kernel on its block:
+/// this is what keeps both cores busy when the batch is smaller than the thread count, and
+/// what spreads the merge and bank GEMMs. The split is static, so results are deterministic
+/// for a fixed thread count. Inside a parallel region (the per-example loop) it runs serially.
 template <class T>
 void gemm(cpu, bool trans_a, bool trans_b, T alpha, matrix_ref<const T> a, matrix_ref<const T> b,
           T beta, matrix_ref<T> c) {
-  auto cm = detail::eigen(c);
-  const auto am = detail::eigen(a);
-  const auto bm = detail::eigen(b);
-  auto run = [&](const auto& x, const auto& y) {
-    if (beta == T(0)) {
-      cm.noalias() = alpha * (x * y);
-    } else {
-      if (beta != T(1)) cm *= beta;
-      cm.noalias() += alpha * (x * y);
+#ifdef _OPENMP
+  const std::size_t depth = trans_a ? a.rows : a.cols;
+  const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
+  const std::size_t longest = c.rows >= c.cols ? c.rows : c.cols;
+  if (threads > 1 && longest >= 2 * 16 &&
+      double(c.rows) * double(c.cols) * double(depth) >= detail::gemm_parallel_work) {
+    const bool by_rows = c.rows >= c.cols;
+    const auto parts = static_cast<std::size_t>(threads);
+    // blocks of whole 16-element groups: threads do not share cache lines of C
+    const std::size_t groups = (longest + 15) / 16;
+#pragma omp parallel num_threads(threads)
+    {
+      const auto t = static_cast<std::size_t>(omp_get_thread_num());
+      const std::size_t first = std::min(longest, groups * t / parts * 16);
+      const std::size_t last = std::min(longest, groups * (t + 1) / parts * 16);
+      if (last > first) {
+        const std::size_t n = last - first;
+        if (by_rows) {
+          // rows [first, last) of C come from rows of op(A)
+          const matrix_ref<const T> as =
+              trans_a ? matrix_ref<const T>{a.data + first, a.rows, n, a.stride} : a.middle_rows(first, n);
+          detail::gemm_serial<T>(trans_a, trans_b, alpha, as, b, beta, c.middle_rows(first, n));
+        } else {
+          // columns [first, last) of C come from columns of op(B)
+          const matrix_ref<const T> bs =
+              trans_b ? b.middle_rows(first, n) : matrix_ref<const T>{b.data + first, b.rows, n, b.stride};
+          detail::gemm_serial<T>(trans_a, trans_b, alpha, a, bs, beta,
+                                 matrix_ref<T>{c.data + first, c.rows, n, c.stride});
+        }
+      }
     }
-  };
-  if (!trans_a && !trans_b) run(am, bm);
-  else if (trans_a && !trans_b) run(am.transpose(), bm);
-  else if (!trans_a && trans_b) run(am, bm.transpose());
-  else run(am.transpose(), bm.transpose());
+    return;
+  }
+#endif
+  detail::gemm_serial<T>(trans_a, trans_b, alpha, a, b, beta, c);
 }
 
 template <class T>
