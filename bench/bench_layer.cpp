@@ -1,0 +1,261 @@
+// smear's CPU benchmarks: forward and forward+backward of a routing block of adapter experts
+// (smear, top-1, ensemble, a single adapter), and the GEMM ceiling of the same shapes.
+//
+// Names read `kind/mode/d:768/m:64/N:8/L:128/B:32/threads:2`, so one regex picks a subset:
+//   smear_bench --benchmark_filter='/d:768/m:64/N:8/L:128/B:32/threads:2$'
+// kinds: smear, top1, ensemble, single (smear::layer<adapter<float>, 1>), gemm (the plain Eigen
+// GEMMs a SMEAR block runs at that shape, without any element-wise work: the ceiling), and
+// gemm_square/n:.../threads:... (one square GEMM, the machine's peak for reference).
+// modes: fwd (inference: forward only) and fwdbwd (training: forward then backward).
+//
+// GFLOP/s counts the merge, 2·B·N·P, and the application, 4·B·L·d·m forward; a backward adds
+// 8·B·L·d·m (the adapter's four GEMMs) and 4·B·N·P (the two bank GEMMs). top-1 counts one
+// expert's application and no merge; the ensemble counts N applications.
+
+#include <benchmark/benchmark.h>
+
+#include <Eigen/Core>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "smear/smear.hpp"
+
+namespace {
+
+enum class kind { smear, top1, ensemble, single, gemm };
+enum class mode { fwd, fwdbwd };
+
+constexpr const char* name(kind k) {
+  switch (k) {
+    case kind::smear: return "smear";
+    case kind::top1: return "top1";
+    case kind::ensemble: return "ensemble";
+    case kind::single: return "single";
+    case kind::gemm: return "gemm";
+  }
+  return "?";
+}
+
+struct workload {
+  kind k;
+  mode md;
+  std::size_t d, m, n, length, batch, threads;
+
+  std::string label() const {
+    return std::string(name(k)) + (md == mode::fwd ? "/fwd" : "/fwdbwd") + "/d:" + std::to_string(d) +
+           "/m:" + std::to_string(m) + "/N:" + std::to_string(n) + "/L:" + std::to_string(length) +
+           "/B:" + std::to_string(batch) + "/threads:" + std::to_string(threads);
+  }
+  std::size_t parameters() const { return 2 * d * m + m; }  // adapter without up bias
+
+  /// The FLOPs the block must do (see the file comment).
+  double flops() const {
+    const double B = double(batch), N = double(n), P = double(parameters());
+    const double apply = 4.0 * B * double(length) * double(d) * double(m);
+    const bool bw = md == mode::fwdbwd;
+    switch (k) {
+      case kind::top1: return bw ? 3 * apply : apply;
+      case kind::ensemble: return N * (bw ? 3 * apply : apply);
+      case kind::smear:
+      case kind::single:
+      case kind::gemm: return bw ? 6 * B * N * P + 3 * apply : 2 * B * N * P + apply;
+    }
+    return 0;
+  }
+};
+
+void set_threads(std::size_t t) {
+#ifdef _OPENMP
+  omp_set_num_threads(static_cast<int>(t));
+#else
+  (void)t;
+#endif
+}
+
+std::vector<float> random_vector(std::size_t n, std::uint64_t seed) {
+  smear::rng gen{seed};
+  std::vector<float> v(n);
+  for (auto& x : v) x = static_cast<float>(gen.normal());
+  return v;
+}
+
+/// Selects the routing strategy of `k` in the layer's options; false when this version of the
+/// layer has no routing strategies yet.
+template <class Options>
+bool configure(Options& o, kind k) {
+  if (k == kind::smear || k == kind::single) return true;
+  if constexpr (requires { o.routing.strategy; }) {
+    using strategy = decltype(o.routing.strategy);
+    o.routing.strategy = k == kind::top1 ? strategy::top_k : strategy::ensemble;
+    return true;
+  } else {
+    return false;
+  }
+}
+
+template <std::size_t N>
+void run_layer(benchmark::State& state, workload w) {
+  set_threads(w.threads);
+  smear::layer_options options{};
+  if (!configure(options, w.k)) {
+    state.SkipWithError("this layer has no routing strategies yet");
+    return;
+  }
+  using expert = smear::adapter<float>;
+  smear::layer<expert, N> block{expert{w.d, w.m}, options, 42};
+  const bool bw = w.md == mode::fwdbwd;
+  block.train(bw);
+  const std::size_t size = w.batch * w.length * w.d;
+  const std::vector<float> x = random_vector(size, 1), dy = random_vector(size, 2);
+  std::vector<float> y(size), dx(size);
+  const auto tokens = smear::make_tokens<const float>(x.data(), w.batch, w.length, w.d);
+  auto step = [&] {
+    block.forward(tokens, y);
+    if (bw) block.backward(dy, dx);
+  };
+  step();  // warm-up: buffers are sized here
+  for (auto _ : state) {
+    step();
+    benchmark::DoNotOptimize(y.data());
+    benchmark::DoNotOptimize(dx.data());
+    benchmark::ClobberMemory();
+  }
+  const double P = double(block.bank().parameter_count());
+  const double required =
+      double(sizeof(float)) * (double(w.batch) * P + double(w.batch) * double(block.expert().saved_size(w.length)));
+  state.counters["GFLOP/s"] = benchmark::Counter(w.flops() * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["workspace_MB"] = double(block.workspace_bytes()) * 1e-6;
+  state.counters["workspace_ratio"] = double(block.workspace_bytes()) / required;
+}
+
+/// The GEMMs of a SMEAR block at this shape, as plain Eigen products over preallocated
+/// matrices, spread over examples like the layer: the most the layer's GEMMs can reach.
+void run_gemm(benchmark::State& state, workload w) {
+  set_threads(w.threads);
+  using mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using map = Eigen::Map<mat>;
+  using cmap = Eigen::Map<const mat>;
+  const auto B = static_cast<Eigen::Index>(w.batch), L = static_cast<Eigen::Index>(w.length),
+             d = static_cast<Eigen::Index>(w.d), m = static_cast<Eigen::Index>(w.m),
+             N = static_cast<Eigen::Index>(w.n), P = static_cast<Eigen::Index>(w.parameters());
+  const std::size_t size = w.batch * w.length * w.d;
+  const bool bw = w.md == mode::fwdbwd;
+  std::vector<float> xv = random_vector(size, 1), dyv = random_vector(size, 2), yv(size), dxv(size);
+  mat probs = mat::Constant(B, N, 1.0f / float(N));
+  mat theta = Eigen::Map<mat>(random_vector(w.n * w.parameters(), 3).data(), N, P) * 0.01f;
+  mat merged(B, P), grads(B, P), dtheta = mat::Zero(N, P), dprobs(B, N);
+  const std::size_t threads = w.threads;
+  std::vector<mat> hidden(threads, mat(L, m)), dhidden(threads, mat(L, m));
+  const Eigen::Index up = d * m + m;
+  auto example = [&](Eigen::Index b, std::size_t t) {
+    cmap xb(xv.data() + b * L * d, L, d), dyb(dyv.data() + b * L * d, L, d);
+    map yb(yv.data() + b * L * d, L, d), dxb(dxv.data() + b * L * d, L, d);
+    cmap wd(merged.row(b).data(), d, m), wu(merged.row(b).data() + up, m, d);
+    mat& h = hidden[t];
+    h.noalias() = xb * wd;
+    yb.noalias() = h * wu;
+    if (!bw) return;
+    map dwd(grads.row(b).data(), d, m), dwu(grads.row(b).data() + up, m, d);
+    mat& dh = dhidden[t];
+    dwu.noalias() = h.transpose() * dyb;
+    dh.noalias() = dyb * wu.transpose();
+    dwd.noalias() = xb.transpose() * dh;
+    dxb.noalias() = dh * wd.transpose();
+  };
+  auto step = [&] {
+    merged.noalias() = probs * theta;
+#ifdef _OPENMP
+    if (w.batch > 1 && threads > 1) {
+#pragma omp parallel for schedule(static)
+      for (Eigen::Index b = 0; b < B; ++b) example(b, static_cast<std::size_t>(omp_get_thread_num()));
+    } else
+#endif
+      for (Eigen::Index b = 0; b < B; ++b) example(b, 0);
+    if (bw) {
+      dtheta.noalias() += probs.transpose() * grads;
+      dprobs.noalias() = grads * theta.transpose();
+    }
+  };
+  step();
+  for (auto _ : state) {
+    step();
+    benchmark::DoNotOptimize(yv.data());
+    benchmark::DoNotOptimize(dtheta.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(w.flops() * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+/// One n×n by n×n GEMM: what the cores can do at their best, for reference.
+void run_gemm_square(benchmark::State& state, std::size_t n, std::size_t threads) {
+  set_threads(threads);
+  using mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const auto k = static_cast<Eigen::Index>(n);
+  mat a = mat::Random(k, k), b = mat::Random(k, k), c(k, k);
+  for (auto _ : state) {
+    c.noalias() = a * b;
+    benchmark::DoNotOptimize(c.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * double(n) * double(n) * double(n) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void add(workload w) {
+  auto* b = [&]() -> benchmark::internal::Benchmark* {
+    const std::string label = w.label();
+    if (w.k == kind::gemm) return benchmark::RegisterBenchmark(label.c_str(), run_gemm, w);
+    switch (w.n) {
+      case 1: return benchmark::RegisterBenchmark(label.c_str(), run_layer<1>, w);
+      case 4: return benchmark::RegisterBenchmark(label.c_str(), run_layer<4>, w);
+      case 8: return benchmark::RegisterBenchmark(label.c_str(), run_layer<8>, w);
+      case 16: return benchmark::RegisterBenchmark(label.c_str(), run_layer<16>, w);
+      case 32: return benchmark::RegisterBenchmark(label.c_str(), run_layer<32>, w);
+      default: return nullptr;
+    }
+  }();
+  if (b != nullptr) b->UseRealTime()->Unit(benchmark::kMillisecond);
+}
+
+void register_grid() {
+  struct dims {
+    std::size_t d, m;
+  };
+  for (std::size_t threads : {1, 2})
+    for (auto md : {mode::fwd, mode::fwdbwd})
+      for (dims s : {dims{768, 24}, dims{768, 64}, dims{512, 32}})
+        for (std::size_t batch : {32, 1})
+          for (std::size_t length : {128, 1, 16, 512}) {
+            add({kind::single, md, s.d, s.m, 1, length, batch, threads});
+            add({kind::gemm, md, s.d, s.m, 1, length, batch, threads});
+            for (std::size_t n : {8, 4, 16, 32})
+              for (kind k : {kind::smear, kind::gemm, kind::top1, kind::ensemble})
+                add({k, md, s.d, s.m, n, length, batch, threads});
+          }
+  for (std::size_t threads : {1, 2})
+    benchmark::RegisterBenchmark(("gemm_square/n:1024/threads:" + std::to_string(threads)).c_str(),
+                                 run_gemm_square, std::size_t{1024}, threads)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  register_grid();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::AddCustomContext("smear_simd", xsimd::default_arch::name());
+  benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
