@@ -391,7 +391,7 @@ inline void pretrain(t5_encoder& enc, const dataset& data, const pretrain_option
   std::vector<std::size_t> order(data.train.size());
   std::iota(order.begin(), order.end(), 0);
   std::size_t cursor = order.size();
-  std::vector<float> out, dout, logits(V);
+  std::vector<float> out, dout;
   double loss_avg = 0, acc_avg = 0;
   const auto start = std::chrono::steady_clock::now();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -419,36 +419,37 @@ inline void pretrain(t5_encoder& enc, const dataset& data, const pretrain_option
     enc.forward(bt.ids, B, L, bt.lengths, out);
     const auto E = enc.tensor("shared.weight");
     auto dE = enc.gradient("shared.weight");
+    // the masked rows, their logits (M×d)·(d×V) and the gradients, as GEMMs
+    std::vector<std::size_t> rows;
+    for (std::size_t i = 0; i < B * L; ++i)
+      if (target[i] >= 0) rows.push_back(i);
+    const std::size_t M = rows.size();
+    std::vector<float> Y(M * d), Z(M * V), dY(M * d, 0.0f);
+    for (std::size_t r = 0; r < M; ++r) std::copy_n(out.data() + rows[r] * d, d, Y.data() + r * d);
+    using cref = smear::matrix_ref<const float>;
+    using mref = smear::matrix_ref<float>;
+    const smear::backend::cpu be{};
+    smear::backend::gemm<float>(be, false, true, scale, cref{Y.data(), M, d}, cref{E.data(), V, d}, 0.0f,
+                                mref{Z.data(), M, V});
     double loss = 0, right = 0;
-    for (std::size_t i = 0; i < B * L; ++i) {
-      if (target[i] < 0) continue;
-      const float* y = out.data() + i * d;
-      float mx = -1e30f;
-      std::size_t best = 0;
-      for (std::size_t v = 0; v < V; ++v) {
-        float z = 0;
-        for (std::size_t j = 0; j < d; ++j) z += y[j] * E[v * d + j];
-        logits[v] = z * scale;
-        if (logits[v] > mx) {
-          mx = logits[v];
-          best = v;
-        }
-      }
+    for (std::size_t r = 0; r < M; ++r) {
+      float* z = Z.data() + r * V;
+      const std::size_t best = static_cast<std::size_t>(std::max_element(z, z + V) - z);
+      const float mx = z[best];
       double sum = 0;
-      for (std::size_t v = 0; v < V; ++v) sum += std::exp(double(logits[v] - mx));
-      const auto tgt = static_cast<std::size_t>(target[i]);
-      loss += std::log(sum) + mx - logits[tgt];
+      for (std::size_t v = 0; v < V; ++v) sum += std::exp(double(z[v] - mx));
+      const auto tgt = static_cast<std::size_t>(target[rows[r]]);
+      loss += std::log(sum) + mx - z[tgt];
       right += best == tgt ? 1 : 0;
-      for (std::size_t v = 0; v < V; ++v) {
-        const float g = static_cast<float>((std::exp(double(logits[v] - mx)) / sum - (v == tgt ? 1.0 : 0.0)) /
-                                           static_cast<double>(masked)) * scale;
-        if (g == 0.0f) continue;
-        for (std::size_t j = 0; j < d; ++j) {
-          dout[i * d + j] += g * E[v * d + j];
-          dE[v * d + j] += g * y[j];
-        }
-      }
+      for (std::size_t v = 0; v < V; ++v)  // z ← ∂ℓ/∂z · scale
+        z[v] = static_cast<float>((std::exp(double(z[v] - mx)) / sum - (v == tgt ? 1.0 : 0.0)) /
+                                  static_cast<double>(masked)) * scale;
     }
+    smear::backend::gemm<float>(be, false, false, 1.0f, cref{Z.data(), M, V}, cref{E.data(), V, d}, 0.0f,
+                                mref{dY.data(), M, d});
+    smear::backend::gemm<float>(be, true, false, 1.0f, cref{Z.data(), M, V}, cref{Y.data(), M, d}, 1.0f,
+                                mref{dE.data(), V, d});
+    for (std::size_t r = 0; r < M; ++r) std::copy_n(dY.data() + r * d, d, dout.data() + rows[r] * d);
     enc.backward(dout, true);
     opt.set_lr(o.lr * std::min(1.0, static_cast<double>(step) / 50.0));
     opt.step();
