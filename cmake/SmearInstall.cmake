@@ -17,6 +17,7 @@ if(TARGET smear_io)
 endif()
 # A CUDA backend target, when the build defines one, becomes the optional `cuda` component.
 if(TARGET smear_cuda)
+  set_target_properties(smear_cuda PROPERTIES EXPORT_NAME cuda)
   install(TARGETS smear_cuda EXPORT smearCudaTargets)
   install(EXPORT smearCudaTargets NAMESPACE smear:: DESTINATION "${SMEAR_INSTALL_CMAKEDIR}")
 endif()

@@ -2,7 +2,7 @@
 # Builds the safetensors fuzzer with clang++ -fsanitize=fuzzer,address,undefined and runs it
 # from the committed seed corpus (fuzz/corpus) for a bounded time.
 #
-#   fuzz/run_fuzzer.sh <work dir> [seconds, default 60] [include dirs, ';'-separated]
+#   fuzz/run_fuzzer.sh <work dir> [seconds, default 60] [include dirs, ':'-separated]
 #
 # e.g. an hour locally:  fuzz/run_fuzzer.sh /tmp/smear-fuzz 3600
 # New interesting inputs go to <work dir>/corpus (the committed corpus is only read); a crash
@@ -29,7 +29,7 @@ fi
 
 flags=(-std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
        -fno-omit-frame-pointer -I"$here/../include")
-IFS=';' read -r -a dirs <<<"$includes"
+IFS=':' read -r -a dirs <<<"$includes"
 for d in "${dirs[@]}"; do
   case "$d" in ""|/usr/include|/usr/local/include) ;;  # already searched; -isystem would break include_next
     *) flags+=(-isystem "$d") ;; esac

@@ -289,6 +289,7 @@ TEST_CASE("hostile files give an io_error naming the file, never a crash") {
       {"metadata not strings", make_file(R"({"__metadata__":{"a":1}})"), "__metadata__ entry 'a'"},
       {"metadata not an object", make_file(R"({"__metadata__":[]})"), "__metadata__ is not"},
       {"empty header", make_file(""), "must start with '{'"},
+      {"invalid UTF-8 in a name", make_file("{\"t\xff\":{}}"), "not valid JSON"},
   };
   for (const auto& c : cases) {
     CAPTURE(c.what);
@@ -317,6 +318,10 @@ TEST_CASE("the writer rejects inconsistent tensors") {
   CHECK_THROWS_AS(out.add("__metadata__", std::span<const float>(v), {6}), value_error);
   CHECK_THROWS_WITH_AS(out.add("u", std::span<const float>(v), {6}, dtype::i32),
                        doctest::Contains("not F16, BF16, F32 or F64"), value_error);
+  CHECK_THROWS_WITH_AS(out.add("bad\xff", std::span<const float>(v), {6}), doctest::Contains("not valid UTF-8"),
+                       value_error);
+  CHECK_THROWS_AS(out.metadata("k", "\xc3"), value_error);
+  CHECK(out.size() == 1);
 }
 
 TEST_CASE("saving is atomic: a failed save leaves the old file and no temporary") {

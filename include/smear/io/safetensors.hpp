@@ -517,6 +517,7 @@ class safetensors_writer {
     if (!is_floating(type))
       throw value_error(detail::message("safetensors_writer::add: tensor '", name, "': dtype ",
                                         to_string(type), " is not F16, BF16, F32 or F64"));
+    check_utf8("tensor name", name);
     if (name == "__metadata__" || index_.contains(name))
       throw value_error(detail::message("safetensors_writer::add: tensor name '", name, "' is ",
                                         name == "__metadata__" ? "reserved" : "already used"));
@@ -540,8 +541,12 @@ class safetensors_writer {
     entries_.push_back(std::move(e));
   }
 
-  /// Sets a `__metadata__` entry.
-  void metadata(std::string key, std::string value) { metadata_[std::move(key)] = std::move(value); }
+  /// Sets a `__metadata__` entry. Throws value_error when the key or value is not valid UTF-8.
+  void metadata(std::string key, std::string value) {
+    check_utf8("metadata key", key);
+    check_utf8("metadata value", value);
+    metadata_[std::move(key)] = std::move(value);
+  }
 
   bool contains(std::string_view name) const { return index_.contains(std::string(name)); }
   std::size_t size() const noexcept { return entries_.size(); }
@@ -657,6 +662,14 @@ class safetensors_writer {
   }
 
  private:
+  static void check_utf8(const char* what, const std::string& text) {
+    try {
+      (void)nlohmann::json(text).dump();
+    } catch (const nlohmann::json::exception&) {
+      throw value_error(detail::message("safetensors_writer: the ", what, " is not valid UTF-8"));
+    }
+  }
+
   struct entry {
     std::string name;
     dtype type;
