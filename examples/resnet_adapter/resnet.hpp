@@ -348,7 +348,8 @@ struct architecture {
 /// How the routing blocks are built.
 struct adapter_config {
   bool conv = false;            ///< smear::conv_adapter (3×3) instead of smear::adapter (per position)
-  std::size_t reduction = 4;    ///< bottleneck = max(1, channels / reduction)
+  std::size_t reduction = 4;    ///< bottleneck = max(1, channels / reduction) · widen
+  std::size_t widen = 1;        ///< bottleneck multiplier ("dense": one expert as large as N)
   smear::layer_options layer{};
 };
 
@@ -512,7 +513,7 @@ class network {
     const auto shapes = block_shapes(1);
     for (std::size_t i = 0; i < blocks.size(); ++i) {
       const shape4 s = shapes[i];
-      const std::size_t m = std::max<std::size_t>(1, s.c / cfg.reduction);
+      const std::size_t m = std::max<std::size_t>(1, s.c / cfg.reduction) * cfg.widen;
       blocks[i]->route = std::make_unique<routing_type>(make_expert(s, m, cfg), s.c, cfg.layer, seed + 7919 * (i + 1));
     }
   }
