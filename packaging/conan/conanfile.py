@@ -61,13 +61,9 @@ class SmearConan(ConanFile):
 
     def package(self):
         copy(self, "LICENSE", self.source_folder, os.path.join(self.package_folder, "licenses"))
-        headers = os.path.join(self.package_folder, "include")
-        copy(self, "*.hpp", os.path.join(self.source_folder, "include"), headers)
-        if not self.options.io:
-            for name in ("safetensors.hpp", "checkpoint.hpp"):
-                path = os.path.join(headers, "smear", "io", name)
-                if os.path.exists(path):
-                    os.remove(path)
+        # every header, whatever the options: they only decide the requirements and components,
+        # so one package serves all (package_id() clears the options)
+        copy(self, "*.hpp", os.path.join(self.source_folder, "include"), os.path.join(self.package_folder, "include"))
 
     def _targets(self, *wanted):
         # Dependencies taken from the system through a profile's [platform_requires] have no
