@@ -66,6 +66,10 @@ TEST_CASE("dtype names and sizes follow the format") {
   CHECK(parse_dtype("F8_E4M3") == dtype::f8_e4m3);
   CHECK_FALSE(parse_dtype("f32").has_value());
   CHECK_FALSE(parse_dtype("F17").has_value());
+  CHECK_FALSE(parse_dtype("F4").has_value());  // sub-byte types are not supported
+  CHECK(parse_dtype("C64") == dtype::c64);
+  CHECK(dtype_size(dtype::c64) == 8);
+  CHECK(dtype_size(dtype::f8_e8m0) == 1);
   CHECK(dtype_size(dtype::f16) == 2);
   CHECK(dtype_size(dtype::i64) == 8);
   CHECK(dtype_size(dtype::boolean) == 1);

@@ -60,8 +60,11 @@ namespace smear {
 
 /// The element types of the safetensors format. smear reads and writes the floating-point
 /// ones (f16, bf16, f32, f64); the others are recognised, so a file holding them opens and
-/// its other tensors can be read.
-enum class dtype { boolean, u8, i8, f8_e5m2, f8_e4m3, i16, u16, f16, bf16, i32, u32, f32, i64, u64, f64 };
+/// its other tensors can be read. (The sub-byte types of recent versions, F4 and F6_*, are
+/// not: a file holding them is rejected as having an unknown dtype.)
+enum class dtype {
+  boolean, u8, i8, f8_e5m2, f8_e4m3, f8_e8m0, i16, u16, f16, bf16, i32, u32, f32, i64, u64, f64, c64
+};
 
 /// The name of `t` in a safetensors header ("F32", "BF16", ...).
 constexpr std::string_view to_string(dtype t) noexcept {
@@ -71,6 +74,7 @@ constexpr std::string_view to_string(dtype t) noexcept {
     case dtype::i8: return "I8";
     case dtype::f8_e5m2: return "F8_E5M2";
     case dtype::f8_e4m3: return "F8_E4M3";
+    case dtype::f8_e8m0: return "F8_E8M0";
     case dtype::i16: return "I16";
     case dtype::u16: return "U16";
     case dtype::f16: return "F16";
@@ -81,15 +85,17 @@ constexpr std::string_view to_string(dtype t) noexcept {
     case dtype::i64: return "I64";
     case dtype::u64: return "U64";
     case dtype::f64: return "F64";
+    case dtype::c64: return "C64";
   }
   return "?";
 }
 
 /// The dtype called `name` in a safetensors header, or nothing for an unknown name.
 constexpr std::optional<dtype> parse_dtype(std::string_view name) noexcept {
-  constexpr std::array all{dtype::boolean, dtype::u8,  dtype::i8,  dtype::f8_e5m2, dtype::f8_e4m3,
-                           dtype::i16,     dtype::u16, dtype::f16, dtype::bf16,    dtype::i32,
-                           dtype::u32,     dtype::f32, dtype::i64, dtype::u64,     dtype::f64};
+  constexpr std::array all{dtype::boolean, dtype::u8,  dtype::i8,      dtype::f8_e5m2, dtype::f8_e4m3,
+                           dtype::f8_e8m0, dtype::i16, dtype::u16,     dtype::f16,     dtype::bf16,
+                           dtype::i32,     dtype::u32, dtype::f32,     dtype::i64,     dtype::u64,
+                           dtype::f64,     dtype::c64};
   for (dtype t : all)
     if (to_string(t) == name) return t;
   return std::nullopt;
@@ -99,10 +105,11 @@ constexpr std::optional<dtype> parse_dtype(std::string_view name) noexcept {
 constexpr std::size_t dtype_size(dtype t) noexcept {
   switch (t) {
     case dtype::boolean: case dtype::u8: case dtype::i8: case dtype::f8_e5m2: case dtype::f8_e4m3:
+    case dtype::f8_e8m0:
       return 1;
     case dtype::i16: case dtype::u16: case dtype::f16: case dtype::bf16: return 2;
     case dtype::i32: case dtype::u32: case dtype::f32: return 4;
-    case dtype::i64: case dtype::u64: case dtype::f64: return 8;
+    case dtype::i64: case dtype::u64: case dtype::f64: case dtype::c64: return 8;
   }
   return 0;
 }
