@@ -63,7 +63,9 @@ void check_agreement(Ref& ref, Fast& fast, Memory& mem, agreement_case c, std::u
     std::vector<std::uint64_t> example_ids;
     route_inputs in;
     if (c.tags) {
-      for (std::size_t b = 0; b < B; ++b) tags.push_back(static_cast<std::int32_t>(gen.below(N)));
+      const bool skills = ref.strategy().strategy == strategy::latent_skills;
+      const std::size_t tasks = skills ? ref.strategy().tasks : N;
+      for (std::size_t b = 0; b < B; ++b) tags.push_back(static_cast<std::int32_t>(gen.below(tasks)));
       in.tags = tags;
     }
     if (c.token_ids) {
@@ -100,6 +102,12 @@ void check_agreement(Ref& ref, Fast& fast, Memory& mem, agreement_case c, std::u
     for (T v : ref.router().gradients()) gmax = std::max(gmax, std::abs(static_cast<double>(v)));
     CHECK(ymax > 1e-3);
     if (ref.uses_router()) CHECK(gmax > 1e-6);
+    if (ref.strategy().strategy == strategy::latent_skills) {
+      CHECK(relative_error(flat(fast.skills().gradients()), flat(ref.skills().gradients())) < tol);
+      double smax = 0;
+      for (T v : flat(ref.skills().gradients())) smax = std::max(smax, std::abs(static_cast<double>(v)));
+      CHECK(smax > 1e-6);
+    }
   }
 }
 

@@ -93,7 +93,7 @@ TEST_CASE("cuda layer equals the reference layer: lora, linear, double") {
   }
 }
 
-TEST_CASE("cuda layer equals the reference layer: tag and hash routing") {
+TEST_CASE("cuda layer equals the reference layer: tag, hash, adamix, latent skills") {
   using E = adapter<float>;
   SUBCASE("tag") { check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .tags = true}, 61, {.routing = {.strategy = strategy::tag}}); }
   SUBCASE("hash of token ids") {
@@ -101,6 +101,15 @@ TEST_CASE("cuda layer equals the reference layer: tag and hash routing") {
                 {.routing = {.strategy = strategy::hash, .hash_seed = 5}});
   }
   SUBCASE("hash of example ids") { check<E, 5>(E{9, 3}, {.B = 7, .L = 3}, 63, {.routing = {.strategy = strategy::hash}}); }
+  SUBCASE("adamix: a random expert per parameter group in training, the average at inference") {
+    check<E, 4>(E{9, 3, {.up_bias = true}}, {.B = 6, .L = 4}, 64, {.routing = {.strategy = strategy::adamix}});
+    check<E, 3>(E{9, 3}, {.B = 5, .L = 3, .train = false}, 65, {.routing = {.strategy = strategy::adamix}});
+  }
+  SUBCASE("latent skills, training and inference") {
+    const layer_options o{.routing = {.strategy = strategy::latent_skills, .tasks = 3}};
+    check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .tags = true}, 66, o);
+    check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .train = false, .tags = true}, 67, o);
+  }
 }
 
 TEST_CASE("cuda layer errors") {

@@ -91,7 +91,7 @@ TEST_CASE("cuda algorithm on the host equals the reference layer: lora, linear, 
   }
 }
 
-TEST_CASE("cuda algorithm on the host equals the reference layer: tag and hash routing") {
+TEST_CASE("cuda algorithm on the host equals the reference layer: tag, hash, adamix, latent skills") {
   using E = adapter<float>;
   SUBCASE("tag") { check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .tags = true}, 61, {.routing = {.strategy = strategy::tag}}); }
   SUBCASE("hash of token ids") {
@@ -101,9 +101,19 @@ TEST_CASE("cuda algorithm on the host equals the reference layer: tag and hash r
   SUBCASE("hash of example ids") {
     check<E, 5>(E{9, 3}, {.B = 7, .L = 3}, 63, {.routing = {.strategy = strategy::hash}});
   }
+  SUBCASE("adamix: a random expert per parameter group in training, the average at inference") {
+    check<E, 4>(E{9, 3, {.up_bias = true}}, {.B = 6, .L = 4}, 64, {.routing = {.strategy = strategy::adamix}});
+    check<E, 3>(E{9, 3}, {.B = 5, .L = 3, .train = false}, 65, {.routing = {.strategy = strategy::adamix}});
+  }
+  SUBCASE("latent skills, training and inference") {
+    const layer_options o{.routing = {.strategy = strategy::latent_skills, .tasks = 3}};
+    check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .tags = true}, 66, o);
+    check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .train = false, .tags = true}, 67, o);
+  }
   SUBCASE("strategies the cuda backend does not run are refused by name") {
     CHECK_THROWS_WITH_AS((host_layer<E, 2>{E{4, 2}, {.routing = {.strategy = strategy::ensemble}}, 1}),
                          doctest::Contains("'ensemble' runs on the reference and cpu backends"), value_error);
+    CHECK_THROWS_AS((host_layer<E, 2>{E{4, 2}, {.routing = {.strategy = strategy::top_k}}, 1}), value_error);
   }
   SUBCASE("tag errors") {
     host_layer<E, 2> block{E{4, 2}, {.routing = {.strategy = strategy::tag}}, 1};

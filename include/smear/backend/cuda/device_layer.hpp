@@ -15,6 +15,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
+#include <string>
 #include <span>
 #include <utility>
 #include <vector>
@@ -27,6 +29,7 @@
 #include "smear/layer.hpp"
 #include "smear/random.hpp"
 #include "smear/routing/hash.hpp"
+#include "smear/routing/latent_skills.hpp"
 #include "smear/routing/router.hpp"
 #include "smear/routing/strategy.hpp"
 #include "smear/tensor.hpp"
@@ -72,6 +75,11 @@ class device_layer {
           bank_.expert().input_dim(), " -> ", bank_.expert().output_dim()));
     rng init{seed};
     bank_.initialize(init);
+    rng extra{seed ^ 0xA11CA7E5ull};  // as smear::layer draws them
+    const auto& st = opt_.routing;
+    if (st.strategy == strategy::latent_skills)
+      skills_.emplace(st.tasks, N, st.skills_temperature, st.skills_init, extra);
+    if (st.strategy == strategy::adamix) groups_ = parameter_groups(bank_.layout());
     const std::size_t np = N * P(), nr = router_.values().size();
     bank_values_.reserve(np, "the expert bank");
     bank_grads_.reserve(np, "the expert bank's gradients");
@@ -79,6 +87,8 @@ class device_layer {
     router_grads_.reserve(nr, "the router's gradients");
     upload();
     zero_grad();
+    ones_.reserve(input_dim(), "a ones vector");
+    detail::fill(ctx_->policy(), ones_.data(), input_dim(), T(1));
     ctx_->synchronize("smear cuda layer: construction");
   }
 
@@ -95,6 +105,16 @@ class device_layer {
   /// Host mirror of the router (see download() / upload()).
   smear::router<T>& router() noexcept { return router_; }
   const smear::router<T>& router() const noexcept { return router_; }
+
+  /// Whether a learned router decides the routing (smear here; the router is unused otherwise).
+  bool uses_router() const noexcept { return opt_.routing.strategy == strategy::smear; }
+  const strategy_options& strategy() const noexcept { return opt_.routing; }
+  /// The latent-skill allocation (host memory: it is small and read per example); throws
+  /// state_error under another strategy.
+  latent_skills<T>& skills() {
+    if (!skills_) throw state_error("layer<cuda>::skills: the strategy is not latent_skills");
+    return *skills_;
+  }
 
   /// The parameters and gradients in the context's memory: bank [N, P], router (its layout()).
   matrix_ref<T> device_bank_values() noexcept { return {bank_values_.data(), N, P()}; }
@@ -129,6 +149,7 @@ class device_layer {
 
   /// Sets every gradient on the device to zero.
   void zero_grad() {
+    if (skills_) skills_->zero_grad();
     detail::fill(ctx_->policy(), bank_grads_.data(), N * P(), T(0));
     detail::fill(ctx_->policy(), router_grads_.data(), router_.values().size(), T(0));
   }
@@ -150,7 +171,8 @@ class device_layer {
                         keep_.capacity() + kept_.capacity() + dlogits_.capacity() +
                         dfeatures_.capacity() + merged_.capacity() + gmerged_.capacity() +
                         dprobs_.capacity() + saved_.capacity() + scratch_.capacity() +
-                        dy_masked_.capacity()) +
+                        dy_masked_.capacity() + ln_stats_.capacity() + ln_tmp_.capacity() +
+                        ln_tmp2_.capacity() + ones_.capacity() + onehot_.capacity()) +
            sizeof(std::int32_t) * lengths_.capacity();
   }
 
@@ -161,14 +183,18 @@ class device_layer {
   void forward(tokens<const T> x, std::span<T> y, route_inputs in = {}) {
     constexpr const char* op = "smear::layer<cuda>::forward";
     check_input(x, op);
-    const bool routed = opt_.routing.strategy == strategy::smear;
+    const auto st = opt_.routing.strategy;
+    const bool routed = st == strategy::smear;
     if (y.size() != x.batch * x.length * output_dim())
       throw shape_error(smear::detail::message(op, ": y has ", y.size(),
                                                " values, expected [B, L, d_out] = ",
                                                smear::detail::shape(x.batch, x.length, output_dim())));
     ctx_->check_pointer(x.data, op, "x");
     ctx_->check_pointer(y.data(), op, "y");
-    if (!routed) route_fixed(x, in, op);
+    if (st == strategy::tag || st == strategy::hash) route_fixed(x, in, op);
+    if (st == strategy::latent_skills) route_skills(x, in, op);
+    const bool gather = st == strategy::adamix && training_;
+    if (st == strategy::adamix) route_adamix(x.batch, gather);
     pending_backward_ = false;
     if (opt_.check_finite) check_finite(x.data, x.size(), op, "x");
     const std::size_t B = x.batch, L = x.length;
@@ -178,9 +204,20 @@ class device_layer {
 
     if (routed) route(x, lens, op);
     else ctx_->to_device(used_.data(), static_cast<const T*>(weights_host_.data()), B * N, op);
-    // merge: Θ̄ = P·Θ
-    ctx_->gemm(false, false, B, P(), N, T(1), static_cast<const T*>(used_.data()), N,
-               static_cast<const T*>(bank_values_.data()), P(), T(0), merged_.data(), P());
+    if (gather) {
+      // AdaMix in training: parameter group g of example b from expert e_bg, as one one-hot
+      // GEMM per group over the group's columns
+      const std::size_t G = groups_.size();
+      ctx_->to_device(onehot_.data(), static_cast<const T*>(onehot_host_.data()), G * B * N, op);
+      for (std::size_t g = 0; g < G; ++g)
+        ctx_->gemm(false, false, B, groups_[g].size, N, T(1), static_cast<const T*>(onehot_.data() + g * B * N),
+                   N, static_cast<const T*>(bank_values_.data() + groups_[g].offset), P(), T(0),
+                   merged_.data() + groups_[g].offset, P());
+    } else {
+      // merge: Θ̄ = P·Θ
+      ctx_->gemm(false, false, B, P(), N, T(1), static_cast<const T*>(used_.data()), N,
+                 static_cast<const T*>(bank_values_.data()), P(), T(0), merged_.data(), P());
+    }
     // apply
     kernel_.forward(*ctx_, static_cast<const T*>(merged_.data()), x.data, lens, B, L, y.data(),
                     saved_.data());
@@ -190,6 +227,8 @@ class device_layer {
     last_ = x;
     last_lengths_ = lens;
     last_routed_ = routed;
+    last_gather_ = gather;
+    was_training_ = training_;
     pending_backward_ = true;
   }
 
@@ -252,9 +291,26 @@ class device_layer {
                         residual_ ? g : static_cast<const T*>(nullptr), lens, B, L, d);
     // ∂ℓ/∂Θ += Pᵀ·G ; ∂ℓ/∂P = G·Θᵀ
     const T* gm = gmerged_.data();
-    ctx_->gemm(true, false, N, P(), B, T(1), static_cast<const T*>(used_.data()), N, gm, P(), T(1),
-               bank_grads_.data(), P());
+    if (last_gather_) {
+      for (std::size_t gi = 0; gi < groups_.size(); ++gi)
+        ctx_->gemm(true, false, N, groups_[gi].size, B, T(1),
+                   static_cast<const T*>(onehot_.data() + gi * B * N), N, gm + groups_[gi].offset, P(), T(1),
+                   bank_grads_.data() + groups_[gi].offset, P());
+    } else {
+      ctx_->gemm(true, false, N, P(), B, T(1), static_cast<const T*>(used_.data()), N, gm, P(), T(1),
+                 bank_grads_.data(), P());
+    }
     if (last_routed_) backward_router(lens, B, L, dx.data());
+    if (skills_) {  // ∂ℓ/∂w = G·Θᵀ, then the allocation's gradient on the host
+      ctx_->gemm(false, true, B, N, P(), T(1), gm, P(), static_cast<const T*>(bank_values_.data()), P(),
+                 T(0), dprobs_.data(), N);
+      dw_host_.resize(B * N);
+      ctx_->to_host(dw_host_.data(), static_cast<const T*>(dprobs_.data()), B * N, op);
+      for (std::size_t b = 0; b < B; ++b)
+        skills_->backward(static_cast<std::size_t>(tags_host_[b]), was_training_,
+                          {soft_host_.data() + b * N, N}, {weights_host_.data() + b * N, N},
+                          {dw_host_.data() + b * N, N});
+    }
     if (opt_.check_finite) {
       check_finite(dx.data(), dx.size(), op, "dx");
       check_finite(bank_grads_.data(), N * P(), op, "expert gradients");
@@ -270,19 +326,32 @@ class device_layer {
     const bool all_rows = router_.options().pool == pooling::mean;
     // keep mask of expert dropout, drawn on the host in the reference backend's order
     const bool drop = training_ && router_.options().expert_dropout > 0.0;
-    keep_host_.assign(B * N, T(1));
-    if (drop)
-      for (auto& k : keep_host_) k = gen_.uniform() >= router_.options().expert_dropout ? T(1) : T(0);
-    ctx_->to_device(keep_.data(), static_cast<const T*>(keep_host_.data()), B * N, op);
+    if (drop || keep_ones_ < B * N) {  // an all-ones mask already on the device is reused
+      keep_host_.assign(B * N, T(1));
+      if (drop)
+        for (auto& k : keep_host_) k = gen_.uniform() >= router_.options().expert_dropout ? T(1) : T(0);
+      ctx_->to_device(keep_.data(), static_cast<const T*>(keep_host_.data()), B * N, op);
+      keep_ones_ = drop ? 0 : B * N;
+    }
 
     // router
     detail::pool(pol, x.data, lens, B, L, d, all_rows, pooled_.data());
     const T* rv = router_values_.data();
     const T* features = pooled_.data();
     if (router_.options().layer_norm) {
-      detail::layer_norm(pol, static_cast<const T*>(pooled_.data()), rv, rv + d, B, d,
-                         static_cast<T>(router_.options().layer_norm_eps), normed_.data(),
-                         features_.data(), rstd_.data());
+      // row means and variances as GEMMs with a ones vector, the rest element-wise
+      T* mean = ln_stats_.data();
+      T* var = ln_stats_.data() + B;
+      const T inv_d = T(1) / static_cast<T>(d);
+      ctx_->gemm(false, false, B, 1, d, inv_d, static_cast<const T*>(pooled_.data()), d,
+                 static_cast<const T*>(ones_.data()), 1, T(0), mean, 1);
+      detail::center_rows(pol, static_cast<const T*>(pooled_.data()), static_cast<const T*>(mean), B, d,
+                          ln_tmp_.data(), ln_tmp2_.data());
+      ctx_->gemm(false, false, B, 1, d, inv_d, static_cast<const T*>(ln_tmp2_.data()), d,
+                 static_cast<const T*>(ones_.data()), 1, T(0), var, 1);
+      detail::normalize_rows(pol, static_cast<const T*>(ln_tmp_.data()), static_cast<const T*>(var), rv,
+                             rv + d, B, d, static_cast<T>(router_.options().layer_norm_eps),
+                             normed_.data(), features_.data(), rstd_.data());
       features = features_.data();
     }
     ctx_->gemm(false, true, B, N, d, T(1), features, d, rv + weight_offset(), d, T(0), logits_.data(), N);
@@ -312,21 +381,95 @@ class device_layer {
     ctx_->gemm(true, false, N, d, B, T(1), dz, N, features, d, T(1), rg + weight_offset(), d);
     detail::add_column_sums(pol, dz, static_cast<const T*>(nullptr), B, N, rg + weight_offset() + N * d);
     ctx_->gemm(false, false, B, d, N, T(1), dz, N, rv + weight_offset(), d, T(0), dfeatures_.data(), d);
-    if (ln)
-      detail::layer_norm_backward(pol, dfeatures_.data(), static_cast<const T*>(normed_.data()), rv,
-                                  static_cast<const T*>(rstd_.data()), B, d, rg, rg + d);
+    if (ln) {
+      // dgain += Σ_b df ⊙ normed, dshift += Σ_b df; then ∂ℓ/∂h with the row means as GEMMs
+      const T* nrm = normed_.data();
+      T* df = dfeatures_.data();
+      detail::add_column_sums(pol, static_cast<const T*>(df), nrm, B, d, rg);
+      detail::add_column_sums(pol, static_cast<const T*>(df), static_cast<const T*>(nullptr), B, d, rg + d);
+      detail::layer_norm_grad_prepare(pol, df, rv, nrm, B, d, ln_tmp_.data());
+      T* mean_dn = ln_stats_.data();
+      T* mean_dn_n = ln_stats_.data() + B;
+      const T inv_d = T(1) / static_cast<T>(d);
+      const T* ones = ones_.data();
+      ctx_->gemm(false, false, B, 1, d, inv_d, static_cast<const T*>(df), d, ones, 1, T(0), mean_dn, 1);
+      ctx_->gemm(false, false, B, 1, d, inv_d, static_cast<const T*>(ln_tmp_.data()), d, ones, 1, T(0),
+                 mean_dn_n, 1);
+      detail::layer_norm_grad_finish(pol, df, nrm, static_cast<const T*>(rstd_.data()),
+                                     static_cast<const T*>(mean_dn), static_cast<const T*>(mean_dn_n), B, d);
+    }
     if (!router_.options().detach_input)
       detail::spread_pooled(pol, static_cast<const T*>(dfeatures_.data()), lens, B, L, d,
                             router_.options().pool == pooling::mean, dxp);
   }
 
-  /// The cuda backend implements the smear, tag and hash strategies; another one is refused
-  /// by name.
+  /// The cuda backend implements smear, tag, hash, AdaMix and latent skills; the mixtures
+  /// (ensemble, top-k) are refused by name.
   static void check_strategy(const strategy_options& o) {
-    if (o.strategy != strategy::smear && o.strategy != strategy::tag && o.strategy != strategy::hash)
+    if (o.strategy == strategy::ensemble || o.strategy == strategy::top_k)
       throw value_error(smear::detail::message(
-          "smear::layer<cuda>: the cuda backend implements the smear, tag and hash strategies; '",
-          to_string(o.strategy), "' runs on the reference and cpu backends"));
+          "smear::layer<cuda>: the cuda backend implements the smear, tag, hash, adamix and "
+          "latent_skills strategies; '", to_string(o.strategy),
+          "' runs on the reference and cpu backends"));
+  }
+
+  struct param_group {
+    std::size_t offset, size;
+  };
+  /// AdaMix's parameter groups: consecutive layout slots sharing the prefix before the first
+  /// '.' (down.*, up.*), as smear::layer groups them.
+  static std::vector<param_group> parameter_groups(const parameter_layout& layout) {
+    std::vector<param_group> out;
+    std::string last;
+    for (const auto& sl : layout) {
+      const std::string prefix = sl.name.substr(0, sl.name.find('.'));
+      if (out.empty() || prefix != last)
+        out.push_back({sl.offset, sl.size()});
+      else
+        out.back().size += sl.size();
+      last = prefix;
+    }
+    return out;
+  }
+
+  /// AdaMix: in training an independent random expert per parameter group of each example
+  /// (drawn in smear::layer's order), at inference the plain average.
+  void route_adamix(std::size_t B, bool gather) {
+    const std::size_t G = groups_.size();
+    weights_host_.assign(B * N, gather ? T(0) : T(1) / static_cast<T>(N));
+    choices_host_.assign(B, 0);
+    if (!gather) return;
+    onehot_host_.assign(G * B * N, T(0));
+    const T share = T(1) / static_cast<T>(G);
+    for (std::size_t b = 0; b < B; ++b)
+      for (std::size_t g = 0; g < G; ++g) {
+        const auto e = static_cast<std::size_t>(gen_.below(N));
+        onehot_host_[(g * B + b) * N + e] = T(1);
+        weights_host_[b * N + e] += share;
+        if (g == 0) choices_host_[b] = static_cast<std::int32_t>(e);
+      }
+  }
+
+  /// Latent skills: each example merged by its task's allocation (relaxed Bernoulli samples in
+  /// training, σ(logits) at inference), computed on the host.
+  void route_skills(tokens<const T> x, const route_inputs& in, const char* op) {
+    const std::size_t B = x.batch, tasks = skills_->tasks();
+    if (in.tags.size() != B)
+      throw shape_error(smear::detail::message(op, ": latent_skills routing needs one tag per example, got ",
+                                               in.tags.size(), " tags for B = ", B));
+    for (std::size_t b = 0; b < B; ++b)
+      if (in.tags[b] < 0 || static_cast<std::size_t>(in.tags[b]) >= tasks)
+        throw value_error(smear::detail::message(op, ": example ", b, " has tag ", in.tags[b],
+                                                 ", expected 0..", tasks - 1, " (one row per task)"));
+    tags_host_.assign(in.tags.begin(), in.tags.end());
+    weights_host_.resize(B * N);
+    soft_host_.resize(B * N);
+    choices_host_.resize(B);
+    for (std::size_t b = 0; b < B; ++b) {
+      std::span<T> w{weights_host_.data() + b * N, N};
+      skills_->weights(static_cast<std::size_t>(in.tags[b]), training_, gen_, {soft_host_.data() + b * N, N}, w);
+      choices_host_[b] = static_cast<std::int32_t>(std::max_element(w.begin(), w.end()) - w.begin());
+    }
   }
 
   /// Tag or hash routing: one-hot weights and choices on the host, as the reference layer
@@ -399,7 +542,10 @@ class device_layer {
     bool full = true;
     for (auto l : x.lengths) full = full && static_cast<std::size_t>(l) == x.length;
     if (full) return nullptr;
-    ctx_->to_device(lengths_.data(), x.lengths.data(), x.batch, "smear cuda layer: upload of the lengths");
+    if (!std::equal(x.lengths.begin(), x.lengths.end(), lengths_host_.begin(), lengths_host_.end())) {
+      ctx_->to_device(lengths_.data(), x.lengths.data(), x.batch, "smear cuda layer: upload of the lengths");
+      lengths_host_.assign(x.lengths.begin(), x.lengths.end());
+    }
     return lengths_.data();
   }
 
@@ -411,12 +557,17 @@ class device_layer {
 
   void reserve(std::size_t B, std::size_t L) {
     const std::size_t d = input_dim(), dout = output_dim();
+    if (lengths_.capacity() < B) lengths_host_.clear();  // reallocated: upload again
+    if (keep_.capacity() < B * N) keep_ones_ = 0;
     lengths_.reserve(B, "the lengths");
     pooled_.reserve(B * d, "the pooled inputs");
     if (router_.options().layer_norm) {
       normed_.reserve(B * d, "the normalised pooled inputs");
       features_.reserve(B * d, "the router features");
       rstd_.reserve(B, "the LayerNorm scales");
+      ln_stats_.reserve(2 * B, "the LayerNorm statistics");
+      ln_tmp_.reserve(B * d, "the LayerNorm workspace");
+      ln_tmp2_.reserve(B * d, "the LayerNorm workspace");
     }
     logits_.reserve(B * N, "the logits");
     soft_.reserve(B * N, "the softmax");
@@ -431,6 +582,7 @@ class device_layer {
     saved_.reserve(kernel_.saved_size(B, L), "the experts' saved activations");
     scratch_.reserve(kernel_.scratch_size(B, L), "the experts' scratch");
     dy_masked_.reserve(B * L * dout, "the masked output gradient");
+    if (!groups_.empty()) onehot_.reserve(groups_.size() * B * N, "AdaMix's one-hot selections");
     batch_ = B;
   }
 
@@ -448,13 +600,20 @@ class device_layer {
   buf<T> bank_values_, bank_grads_, router_values_, router_grads_;
   buf<std::int32_t> lengths_;
   buf<T> pooled_, normed_, features_, rstd_, logits_, soft_, used_, keep_, kept_, dlogits_,
-      dfeatures_, merged_, gmerged_, dprobs_, saved_, scratch_, dy_masked_;
+      dfeatures_, merged_, gmerged_, dprobs_, saved_, scratch_, dy_masked_, ln_stats_, ln_tmp_, ln_tmp2_,
+      ones_, onehot_;
   std::vector<T> keep_host_, routing_host_, check_host_;
   std::size_t batch_ = 0;
   tokens<const T> last_{};
   const std::int32_t* last_lengths_ = nullptr;
   bool pending_backward_ = false, last_routed_ = true, choices_valid_ = false;
-  std::vector<T> weights_host_;
+  std::vector<T> weights_host_, soft_host_, dw_host_, onehot_host_;
+  std::vector<std::int32_t> tags_host_;
+  std::optional<latent_skills<T>> skills_;
+  std::vector<param_group> groups_;
+  bool last_gather_ = false, was_training_ = true;
+  std::vector<std::int32_t> lengths_host_;  // the lengths now on the device
+  std::size_t keep_ones_ = 0;               // leading entries of keep_ known to be 1 on the device
   std::vector<std::int32_t> choices_host_;
 };
 

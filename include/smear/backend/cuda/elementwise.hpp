@@ -111,8 +111,31 @@ void pool(Policy&& policy, const T* x, const std::int32_t* lengths, std::size_t 
 }
 
 template <class T>
-struct layer_norm_fn {
+struct center_fn {
   const T* h;
+  const T* mean;
+  T* centered;
+  T* squares;
+  std::size_t d;
+  SMEAR_HOST_DEVICE void operator()(std::size_t i) const {
+    const T v = h[i] - mean[i / d];
+    centered[i] = v;
+    squares[i] = v * v;
+  }
+};
+
+/// centered = h − mean_b, squares = centered², both [B, d]: the LayerNorm's first element-wise
+/// pass (the row means come from a GEMM with a ones vector, so every step is parallel).
+template <class T, class Policy>
+void center_rows(Policy&& policy, const T* h, const T* mean, std::size_t B, std::size_t d, T* centered,
+                 T* squares) {
+  for_each_index(policy, B * d, center_fn<T>{h, mean, centered, squares, d});
+}
+
+template <class T>
+struct normalize_fn {
+  const T* centered;
+  const T* var;
   const T* gain;
   const T* shift;
   T* normed;
@@ -120,28 +143,63 @@ struct layer_norm_fn {
   T* rstd;
   std::size_t d;
   T eps;
-  SMEAR_HOST_DEVICE void operator()(std::size_t b) const {
-    const T* hb = h + b * d;
-    T mean = 0, var = 0;
-    for (std::size_t j = 0; j < d; ++j) mean += hb[j];
-    mean /= static_cast<T>(d);
-    for (std::size_t j = 0; j < d; ++j) var += (hb[j] - mean) * (hb[j] - mean);
-    var /= static_cast<T>(d);
-    const T r = T(1) / sqrt_(var + eps);
-    rstd[b] = r;
-    for (std::size_t j = 0; j < d; ++j) {
-      const T n = (hb[j] - mean) * r;
-      normed[b * d + j] = n;
-      features[b * d + j] = n * gain[j] + shift[j];
-    }
+  SMEAR_HOST_DEVICE void operator()(std::size_t i) const {
+    const std::size_t b = i / d, j = i % d;
+    const T r = T(1) / sqrt_(var[b] + eps);
+    const T n = centered[i] * r;
+    normed[i] = n;
+    features[i] = n * gain[j] + shift[j];
+    if (j == 0) rstd[b] = r;
   }
 };
 
-/// Per row b of h [B, d]: normed = (h − mean)·rstd, features = normed ⊙ gain + shift.
+/// normed = centered·rstd_b with rstd_b = 1/√(var_b + eps), features = normed ⊙ gain + shift.
 template <class T, class Policy>
-void layer_norm(Policy&& policy, const T* h, const T* gain, const T* shift, std::size_t B,
-                std::size_t d, T eps, T* normed, T* features, T* rstd) {
-  for_each_index(policy, B, layer_norm_fn<T>{h, gain, shift, normed, features, rstd, d, eps});
+void normalize_rows(Policy&& policy, const T* centered, const T* var, const T* gain, const T* shift,
+                    std::size_t B, std::size_t d, T eps, T* normed, T* features, T* rstd) {
+  for_each_index(policy, B * d, normalize_fn<T>{centered, var, gain, shift, normed, features, rstd, d, eps});
+}
+
+template <class T>
+struct ln_grad_prepare_fn {
+  T* df;
+  const T* gain;
+  const T* normed;
+  T* dn_n;
+  std::size_t d;
+  SMEAR_HOST_DEVICE void operator()(std::size_t i) const {
+    const T v = df[i] * gain[i % d];
+    df[i] = v;
+    dn_n[i] = v * normed[i];
+  }
+};
+
+/// LayerNorm backward, first pass: df ← ∂ℓ/∂n = df ⊙ gain, dn_n = ∂ℓ/∂n ⊙ normed.
+template <class T, class Policy>
+void layer_norm_grad_prepare(Policy&& policy, T* df, const T* gain, const T* normed, std::size_t B,
+                             std::size_t d, T* dn_n) {
+  for_each_index(policy, B * d, ln_grad_prepare_fn<T>{df, gain, normed, dn_n, d});
+}
+
+template <class T>
+struct ln_grad_finish_fn {
+  T* dn;
+  const T* normed;
+  const T* rstd;
+  const T* mean_dn;
+  const T* mean_dn_n;
+  std::size_t d;
+  SMEAR_HOST_DEVICE void operator()(std::size_t i) const {
+    const std::size_t b = i / d;
+    dn[i] = rstd[b] * (dn[i] - mean_dn[b] - normed[i] * mean_dn_n[b]);
+  }
+};
+
+/// LayerNorm backward, last pass: dn ← ∂ℓ/∂h = rstd·(dn − mean(dn) − normed·mean(dn ⊙ normed)).
+template <class T, class Policy>
+void layer_norm_grad_finish(Policy&& policy, T* dn, const T* normed, const T* rstd, const T* mean_dn,
+                            const T* mean_dn_n, std::size_t B, std::size_t d) {
+  for_each_index(policy, B * d, ln_grad_finish_fn<T>{dn, normed, rstd, mean_dn, mean_dn_n, d});
 }
 
 template <class T>
@@ -240,38 +298,6 @@ template <class T, class Policy>
 void add_column_sums(Policy&& policy, const T* a, const T* w, std::size_t rows, std::size_t cols,
                      T* out) {
   for_each_index(policy, cols, column_sums_fn<T>{a, w, out, rows, cols});
-}
-
-template <class T>
-struct layer_norm_backward_fn {
-  T* df;
-  const T* normed;
-  const T* gain;
-  const T* rstd;
-  std::size_t d;
-  SMEAR_HOST_DEVICE void operator()(std::size_t b) const {
-    T* dfb = df + b * d;
-    const T* nb = normed + b * d;
-    T mean_dn = 0, mean_dn_n = 0;
-    for (std::size_t j = 0; j < d; ++j) {
-      dfb[j] *= gain[j];
-      mean_dn += dfb[j];
-      mean_dn_n += dfb[j] * nb[j];
-    }
-    mean_dn /= static_cast<T>(d);
-    mean_dn_n /= static_cast<T>(d);
-    for (std::size_t j = 0; j < d; ++j) dfb[j] = rstd[b] * (dfb[j] - mean_dn - nb[j] * mean_dn_n);
-  }
-};
-
-/// LayerNorm backward: dgain += Σ_b df ⊙ normed, dshift += Σ_b df, then df [B, d] becomes ∂ℓ/∂h
-/// in place.
-template <class T, class Policy>
-void layer_norm_backward(Policy&& policy, T* df, const T* normed, const T* gain, const T* rstd,
-                         std::size_t B, std::size_t d, T* dgain, T* dshift) {
-  add_column_sums(policy, static_cast<const T*>(df), normed, B, d, dgain);
-  add_column_sums(policy, static_cast<const T*>(df), static_cast<const T*>(nullptr), B, d, dshift);
-  for_each_index(policy, B, layer_norm_backward_fn<T>{df, normed, gain, rstd, d});
 }
 
 template <class T>
