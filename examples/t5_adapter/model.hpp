@@ -342,6 +342,13 @@ inline train_result train_classifier(t5_encoder& enc, const dataset& data, const
     opt.set_lr(o.lr * std::min(1.0, static_cast<double>(step) / 20.0));  // short warm-up
     opt.step();
     loss_avg = step == 1 ? loss : 0.95 * loss_avg + 0.05 * loss;
+    const std::size_t report = std::max<std::size_t>(1, o.eval_every / 4);
+    if (!o.quiet && step % report == 0 && step % o.eval_every != 0 && step != o.steps) {
+      const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() - eval_seconds;
+      std::fprintf(stderr, "[%s] step %zu/%zu  loss %.4f  %.0f ex/s  ETA %s\n", o.method.c_str(), step, o.steps,
+                   loss_avg, static_cast<double>(step * o.batch) / elapsed,
+                   duration(elapsed / static_cast<double>(step) * static_cast<double>(o.steps - step)).c_str());
+    }
     if (step % o.eval_every == 0 || step == o.steps) {
       const auto e0 = std::chrono::steady_clock::now();
       const eval_result v = model.evaluate(data.validation, o.eval_limit, false);
