@@ -61,8 +61,8 @@ backbone options (pretrain):
   --width W (16)  --blocks 2,2,2,2  --stem-stride S (2)  --epochs E (1)  --limit N (all)
   --batch B (64)  --lr LR (1e-3)  --pretrain-data FILE (DIR/mnist.bin)  --invert 0|1 (1 for 1-channel data)
 adaptation options (train, compare, quick):
-  --strategy S / --strategies A,B,..  smear single dense (and, with the routing strategies:
-                 ensemble tag hash st_gumbel reinforce dselect adamix latent_skills); default: all available
+  --strategy S / --strategies A,B,..  smear tag hash st_gumbel reinforce dselect ensemble single dense
+                 adamix latent_skills (default: all); tag and latent skills use the domain as tag
   --expert adapter|conv (adapter)  --experts 6|12 (6)  --reduction R (4: bottleneck = channels / R)
   --epochs E (8)  --batch B (32)  --lr LR (1e-3)  --seeds 0,1,.. (0)  --threads T (1)
   --csv FILE  --markdown FILE   tables (compare; default: compare.csv, compare.md in --out DIR)
@@ -311,6 +311,7 @@ void pretrain(const fs::path& data_file, const fs::path& out, pretrain_config cf
 
 struct run_config {
   std::string strategy = "smear";
+  smear::strategy_options routing{};  ///< from the strategy's name (single and dense: smear, N = 1)
   bool conv = false;
   std::size_t experts = 6, reduction = 4, epochs = 8, batch = 32;
   double lr = 1e-3;
@@ -330,7 +331,16 @@ struct run_result {
 };
 
 /// Strategies this build runs; the others need the layer's routing strategies.
-const std::vector<std::string> own_strategies{"smear", "single", "dense"};
+/// Every strategy by its command-line name, in the order of the comparison table.
+const std::vector<std::string> all_strategies{"smear",     "tag",    "hash",   "st_gumbel", "reinforce", "dselect",
+                                              "ensemble",  "single", "dense",  "adamix",    "latent_skills"};
+
+void check_strategy(const std::string& name) {
+  if (std::find(all_strategies.begin(), all_strategies.end(), name) == all_strategies.end())
+    throw smear::value_error("smear-resnet: unknown strategy '" + name +
+                             "'; known: smear, tag, hash, st_gumbel, reinforce, dselect, ensemble, single, "
+                             "dense, adamix, latent_skills");
+}
 
 template <class Expert, std::size_t N>
 run_result run(const imageset::dataset& d, const smear::safetensors_file& backbone, const run_config& cfg) {
@@ -343,7 +353,24 @@ run_result run(const imageset::dataset& d, const smear::safetensors_file& backbo
   ac.conv = cfg.conv;
   ac.reduction = cfg.reduction;
   if (cfg.strategy == "dense") ac.widen = cfg.experts;  // one expert as large as N of them
+  ac.layer.routing = cfg.routing;
+  ac.layer.routing.hash_seed = cfg.seed;
+  if (ac.layer.routing.strategy == smear::strategy::latent_skills) ac.layer.routing.tasks = domains;
   net.add_routing(ac, cfg.seed + 202);
+  // what the strategies read: the domain as tag (tag routing, latent skills) and a stable id per
+  // image (hash routing)
+  std::vector<std::int32_t> tags;
+  std::vector<std::uint64_t> ids;
+  auto inputs = [&](std::span<const std::size_t> idx) {
+    tags.resize(idx.size());
+    ids.resize(idx.size());
+    for (std::size_t i = 0; i < idx.size(); ++i) {
+      tags[i] = d.domains[idx[i]];
+      ids[i] = idx[i];
+    }
+    return smear::route_inputs{.tags = tags, .token_ids = {}, .example_ids = ids};
+  };
+  std::vector<float> losses;
 
   auto train = d.indices(0);
   const auto test = d.indices(1);
@@ -379,14 +406,15 @@ run_result run(const imageset::dataset& d, const smear::safetensors_file& backbo
       imageset::batch(d, idx, x);
       y.resize(n);
       for (std::size_t i = 0; i < n; ++i) y[i] = d.labels[idx[i]];
-      const auto& logits = net.forward(x, n, false);
-      loss_sum += resnet::cross_entropy(logits, std::span<const std::int32_t>(y), classes, dlogits) * static_cast<double>(n);
+      const auto& logits = net.forward(x, n, false, inputs(idx));
+      loss_sum += resnet::cross_entropy(logits, std::span<const std::int32_t>(y), classes, dlogits, &losses) *
+                  static_cast<double>(n);
       for (std::size_t i = 0; i < n; ++i) {
         const auto first = logits.begin() + static_cast<std::ptrdiff_t>(i * classes);
         correct += (std::max_element(first, first + static_cast<std::ptrdiff_t>(classes)) - first) == y[i];
       }
       net.zero_grad();
-      net.backward(dlogits);
+      net.backward(dlogits, losses);
       opt.step();
     }
     if (!cfg.quiet)
@@ -413,8 +441,9 @@ run_result run(const imageset::dataset& d, const smear::safetensors_file& backbo
     const std::size_t n = std::min<std::size_t>(128, test.size() - b0);
     const std::span<const std::size_t> idx(test.data() + b0, n);
     imageset::batch(d, idx, x);
+    const auto in = inputs(idx);
     const auto ti = clock_type::now();
-    const auto& logits = net.forward(x, n, false);
+    const auto& logits = net.forward(x, n, false, in);
     infer_seconds += seconds_since(ti);
     for (std::size_t i = 0; i < n; ++i) {
       const auto first = logits.begin() + static_cast<std::ptrdiff_t>(i * classes);
@@ -441,10 +470,9 @@ run_result run(const imageset::dataset& d, const smear::safetensors_file& backbo
 }
 
 run_result dispatch(const imageset::dataset& d, const smear::safetensors_file& backbone, run_config cfg) {
-  if (std::find(own_strategies.begin(), own_strategies.end(), cfg.strategy) == own_strategies.end())
-    throw smear::value_error("smear-resnet: strategy '" + cfg.strategy +
-                             "' is not available in this build; available: smear, single, dense");
+  check_strategy(cfg.strategy);
   const bool one = cfg.strategy == "single" || cfg.strategy == "dense";
+  cfg.routing = one ? smear::strategy_options{} : smear::parse_strategy(cfg.strategy);
   if (!one && cfg.experts != 6 && cfg.experts != 12)
     throw smear::value_error("smear-resnet: --experts must be 6 or 12 (the instantiated sizes), got " +
                              std::to_string(cfg.experts));
@@ -578,9 +606,7 @@ std::vector<run_result> compare(const imageset::dataset& d, const fs::path& back
                                 const std::vector<std::string>& strategies, const std::vector<std::uint64_t>& seeds,
                                 run_config base, const fs::path& out_dir, const fs::path& csv_path,
                                 const fs::path& md_path) {
-  for (const auto& s : strategies)
-    if (std::find(own_strategies.begin(), own_strategies.end(), s) == own_strategies.end())
-      throw smear::value_error("smear-resnet: strategy '" + s + "' is not available in this build; available: smear, single, dense");
+  for (const auto& s : strategies) check_strategy(s);
   const auto backbone = smear::safetensors_file::open(backbone_path);
   fs::create_directories(out_dir);
   std::vector<run_result> results;
@@ -622,7 +648,7 @@ std::vector<std::uint64_t> parse_seeds(const options& o) {
 
 std::vector<std::string> parse_strategies(const options& o) {
   auto v = o.list("strategies", "");
-  if (v.empty()) v = own_strategies;
+  if (v.empty()) v = all_strategies;
   return v;
 }
 

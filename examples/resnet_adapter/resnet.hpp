@@ -313,19 +313,20 @@ class routing_block {
     }
   }
 
-  void forward(std::vector<T>& x, shape4 s) {
+  /// `in`: what the strategy needs (tags for tag routing and latent skills, ids for hashing).
+  void forward(std::vector<T>& x, shape4 s, smear::route_inputs in = {}) {
     tokens_.resize(x.size());
     for (std::size_t i = 0; i < x.size(); ++i) tokens_[i] = (x[i] - mean[i % c_]) * inv_std[i % c_];
     out_.resize(x.size());
-    layer_->forward(smear::map_tokens<const T>(tokens_.data(), {s.n, s.c, s.h, s.w}), out_);
+    layer_->forward(smear::map_tokens<const T>(tokens_.data(), {s.n, s.c, s.h, s.w}), out_, in);
     for (std::size_t i = 0; i < x.size(); ++i) x[i] += out_[i];
   }
 
   /// g = ∂ℓ/∂(block output) on entry, ∂ℓ/∂(block input) on return; the layer's gradients
-  /// accumulate.
-  void backward(std::vector<T>& g) {
+  /// accumulate. `example_losses`: each example's loss, for REINFORCE.
+  void backward(std::vector<T>& g, std::span<const T> example_losses = {}) {
     dtokens_.resize(g.size());
-    layer_->backward(g, dtokens_);
+    layer_->backward(g, dtokens_, example_losses);
     for (std::size_t i = 0; i < g.size(); ++i) g[i] += dtokens_[i] * inv_std[i % c_];
   }
 
@@ -376,8 +377,8 @@ class basic_block {
   std::unique_ptr<routing_block<T, Expert, N>> route;
 
   /// x is the block input on entry and the block output on return.
-  shape4 forward(std::vector<T>& x, shape4 s, bool training) {
-    if (route) route->forward(x, s);
+  shape4 forward(std::vector<T>& x, shape4 s, bool training, smear::route_inputs in = {}) {
+    if (route) route->forward(x, s, in);
     in_ = x;
     in_shape_ = s;
     conv1.forward(in_, s, a1_);
@@ -400,7 +401,7 @@ class basic_block {
 
   /// g = ∂ℓ/∂output on entry, ∂ℓ/∂input on return. `training` (pre-training) also
   /// accumulates the backbone's gradients.
-  void backward(std::vector<T>& g, bool training) {
+  void backward(std::vector<T>& g, bool training, std::span<const T> example_losses = {}) {
     const shape4 s = in_shape_, o = conv1.output_shape(s);
     relu_backward(out_, g);
     bn2.backward(g, o, t1_, training, training);
@@ -414,7 +415,7 @@ class basic_block {
     }
     // g now holds ∂ℓ/∂in through the shortcut (identity: the sum's gradient itself)
     for (std::size_t i = 0; i < g.size(); ++i) g[i] += t2_[i];
-    if (route) route->backward(g);
+    if (route) route->backward(g, example_losses);
   }
 
   const std::vector<T>& input() const { return in_; }
@@ -521,8 +522,9 @@ class network {
   bool routed() const { return !blocks.empty() && blocks.front()->route != nullptr; }
 
   /// Logits [n, classes] of NHWC images [n, image, image, 3]. `training` selects batch
-  /// statistics in batch norm (pre-training).
-  const std::vector<T>& forward(const std::vector<T>& images, std::size_t n, bool training) {
+  /// statistics in batch norm (pre-training); `in` goes to every routing block.
+  const std::vector<T>& forward(const std::vector<T>& images, std::size_t n, bool training,
+                                smear::route_inputs in = {}) {
     training_ = training;
     n_ = n;
     const shape4 s{n, arch_.image, arch_.image, 3};
@@ -533,7 +535,7 @@ class network {
     relu_inplace(x_);
     h0_ = x_;
     shape4 cur = o;
-    for (auto& b : blocks) cur = b->forward(x_, cur, training);
+    for (auto& b : blocks) cur = b->forward(x_, cur, training, in);
     last_ = cur;
     // global average pool
     pooled_.assign(n * features_, T(0));
@@ -552,8 +554,9 @@ class network {
   }
 
   /// Given ∂ℓ/∂logits, accumulates the gradients of the head, of the routing blocks and, in
-  /// training (pre-training) mode, of the backbone. Returns ∂ℓ/∂images.
-  const std::vector<T>& backward(const std::vector<T>& dlogits) {
+  /// training (pre-training) mode, of the backbone. Returns ∂ℓ/∂images. `example_losses`
+  /// (each example's loss) is passed to the routing blocks, for REINFORCE.
+  const std::vector<T>& backward(const std::vector<T>& dlogits, std::span<const T> example_losses = {}) {
     const std::size_t n = n_, F = features_, K = classes_;
     const auto En = static_cast<Eigen::Index>(n), EF = static_cast<Eigen::Index>(F), EK = static_cast<Eigen::Index>(K);
     cmap<T> dl(dlogits.data(), En, EK);
@@ -567,7 +570,7 @@ class network {
     for (std::size_t i = 0; i < n; ++i)
       for (std::size_t p = 0; p < hw; ++p)
         for (std::size_t c = 0; c < F; ++c) g_[(i * hw + p) * F + c] = dpooled_[i * F + c] / static_cast<T>(hw);
-    for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) (*it)->backward(g_, training_);
+    for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) (*it)->backward(g_, training_, example_losses);
     const shape4 s{n, arch_.image, arch_.image, 3};
     const shape4 o = stem.output_shape(s);
     relu_backward(h0_, g_);
