@@ -149,8 +149,16 @@ class layer {
     touch();
     return *skills_;
   }
+  const latent_skills<T>& skills() const {
+    if (!skills_) throw state_error("layer::skills: the strategy is not latent_skills");
+    return *skills_;
+  }
   /// REINFORCE's baseline; throws state_error under another estimator.
   reinforce_baseline<T>& baseline() {
+    if (!baseline_) throw state_error("layer::baseline: the estimator is not reinforce");
+    return *baseline_;
+  }
+  const reinforce_baseline<T>& baseline() const {
     if (!baseline_) throw state_error("layer::baseline: the estimator is not reinforce");
     return *baseline_;
   }

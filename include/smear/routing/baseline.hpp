@@ -36,6 +36,7 @@ class reinforce_baseline {
   /// The moving average (meaningful for the moving-average kind once a loss was seen).
   T average() const noexcept { return average_; }
   std::span<T> values() noexcept { return values_; }
+  std::span<const T> values() const noexcept { return values_; }
   std::span<T> gradients() noexcept { return grads_; }
   void zero_grad() noexcept { std::fill(grads_.begin(), grads_.end(), T(0)); }
 
