@@ -93,7 +93,7 @@ TEST_CASE("cuda layer equals the reference layer: lora, linear, double") {
   }
 }
 
-TEST_CASE("cuda layer equals the reference layer: tag, hash, adamix, latent skills") {
+TEST_CASE("cuda layer equals the reference layer: ensemble, tag, hash, adamix, latent skills") {
   using E = adapter<float>;
   SUBCASE("tag") { check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .tags = true}, 61, {.routing = {.strategy = strategy::tag}}); }
   SUBCASE("hash of token ids") {
@@ -104,6 +104,14 @@ TEST_CASE("cuda layer equals the reference layer: tag, hash, adamix, latent skil
   SUBCASE("adamix: a random expert per parameter group in training, the average at inference") {
     check<E, 4>(E{9, 3, {.up_bias = true}}, {.B = 6, .L = 4}, 64, {.routing = {.strategy = strategy::adamix}});
     check<E, 3>(E{9, 3}, {.B = 5, .L = 3, .train = false}, 65, {.routing = {.strategy = strategy::adamix}});
+  }
+  SUBCASE("ensemble: every expert's output weighted by p, with expert dropout and at inference") {
+    check<E, 3>(E{9, 3, {.up_bias = true}}, {.B = 5, .L = 4}, 68,
+                {.router = {.expert_dropout = 0.3}, .routing = {.strategy = strategy::ensemble}});
+    check<E, 4>(E{7, 2}, {.B = 3, .L = 5, .train = false}, 69, {.routing = {.strategy = strategy::ensemble}});
+    check<lora<float>, 3>(lora<float>{6, 5, 2, std::vector<float>(30, 0.1f)}, {.B = 3, .L = 4}, 70,
+                          {.routing = {.strategy = strategy::ensemble}});
+    check<linear<float>, 2>(linear<float>{4, 6}, {.B = 2, .L = 3}, 71, {.routing = {.strategy = strategy::ensemble}});
   }
   SUBCASE("latent skills, training and inference") {
     const layer_options o{.routing = {.strategy = strategy::latent_skills, .tasks = 3}};

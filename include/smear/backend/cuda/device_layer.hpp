@@ -87,8 +87,6 @@ class device_layer {
     router_grads_.reserve(nr, "the router's gradients");
     upload();
     zero_grad();
-    ones_.reserve(input_dim(), "a ones vector");
-    detail::fill(ctx_->policy(), ones_.data(), input_dim(), T(1));
     ctx_->synchronize("smear cuda layer: construction");
   }
 
@@ -106,8 +104,10 @@ class device_layer {
   smear::router<T>& router() noexcept { return router_; }
   const smear::router<T>& router() const noexcept { return router_; }
 
-  /// Whether a learned router decides the routing (smear here; the router is unused otherwise).
-  bool uses_router() const noexcept { return opt_.routing.strategy == strategy::smear; }
+  /// Whether a learned router decides the routing (smear, ensemble; unused otherwise).
+  bool uses_router() const noexcept {
+    return opt_.routing.strategy == strategy::smear || opt_.routing.strategy == strategy::ensemble;
+  }
   const strategy_options& strategy() const noexcept { return opt_.routing; }
   /// The latent-skill allocation (host memory: it is small and read per example); throws
   /// state_error under another strategy.
@@ -172,7 +172,8 @@ class device_layer {
                         dfeatures_.capacity() + merged_.capacity() + gmerged_.capacity() +
                         dprobs_.capacity() + saved_.capacity() + scratch_.capacity() +
                         dy_masked_.capacity() + ln_stats_.capacity() + ln_tmp_.capacity() +
-                        ln_tmp2_.capacity() + ones_.capacity() + onehot_.capacity()) +
+                        ln_tmp2_.capacity() + ones_.capacity() + onehot_.capacity() +
+                        outputs_.capacity() + dye_.capacity() + dxe_.capacity()) +
            sizeof(std::int32_t) * lengths_.capacity();
   }
 
@@ -184,7 +185,8 @@ class device_layer {
     constexpr const char* op = "smear::layer<cuda>::forward";
     check_input(x, op);
     const auto st = opt_.routing.strategy;
-    const bool routed = st == strategy::smear;
+    const bool ensemble = st == strategy::ensemble;
+    const bool routed = st == strategy::smear || ensemble;
     if (y.size() != x.batch * x.length * output_dim())
       throw shape_error(smear::detail::message(op, ": y has ", y.size(),
                                                " values, expected [B, L, d_out] = ",
@@ -213,21 +215,34 @@ class device_layer {
         ctx_->gemm(false, false, B, groups_[g].size, N, T(1), static_cast<const T*>(onehot_.data() + g * B * N),
                    N, static_cast<const T*>(bank_values_.data() + groups_[g].offset), P(), T(0),
                    merged_.data() + groups_[g].offset, P());
-    } else {
+    } else if (!ensemble) {
       // merge: Θ̄ = P·Θ
       ctx_->gemm(false, false, B, P(), N, T(1), static_cast<const T*>(used_.data()), N,
                  static_cast<const T*>(bank_values_.data()), P(), T(0), merged_.data(), P());
     }
-    // apply
-    kernel_.forward(*ctx_, static_cast<const T*>(merged_.data()), x.data, lens, B, L, y.data(),
-                    saved_.data());
-    detail::finish_rows(ctx_->policy(), y.data(), static_cast<const T*>(nullptr), 0,
-                        residual_ ? x.data : static_cast<const T*>(nullptr), lens, B, L, output_dim());
+    if (ensemble) {
+      // every expert on the whole batch (its parameters shared: stride 0), then y = Σ_e p_e f_e
+      const std::size_t out = B * L * output_dim(), sv = kernel_.saved_size(B, L);
+      for (std::size_t e = 0; e < N; ++e)
+        kernel_.forward(*ctx_, static_cast<const T*>(bank_values_.data() + e * P()), 0, x.data, lens, B, L,
+                        outputs_.data() + e * out, saved_.data() + e * sv);
+      detail::mix_outputs(ctx_->policy(), static_cast<const T*>(outputs_.data()),
+                          static_cast<const T*>(used_.data()), N,
+                          residual_ ? x.data : static_cast<const T*>(nullptr), lens, B, L, output_dim(),
+                          y.data());
+    } else {
+      // apply
+      kernel_.forward(*ctx_, static_cast<const T*>(merged_.data()), P(), x.data, lens, B, L, y.data(),
+                      saved_.data());
+      detail::finish_rows(ctx_->policy(), y.data(), static_cast<const T*>(nullptr), 0,
+                          residual_ ? x.data : static_cast<const T*>(nullptr), lens, B, L, output_dim());
+    }
     if (opt_.check_finite) check_finite(y.data(), y.size(), op, "y");
     last_ = x;
     last_lengths_ = lens;
     last_routed_ = routed;
     last_gather_ = gather;
+    last_ensemble_ = ensemble;
     was_training_ = training_;
     pending_backward_ = true;
   }
@@ -284,7 +299,17 @@ class device_layer {
       detail::masked_copy(pol, dy.data(), lens, B, L, dout, dy_masked_.data());
       g = dy_masked_.data();
     }
-    kernel_.backward(*ctx_, static_cast<const T*>(merged_.data()), x.data, lens, B, L,
+    if (last_ensemble_) {
+      backward_ensemble(g, dx.data(), lens, B, L);
+      backward_router(lens, B, L, dx.data(), false);
+      if (opt_.check_finite) {
+        check_finite(dx.data(), dx.size(), op, "dx");
+        check_finite(bank_grads_.data(), N * P(), op, "expert gradients");
+        check_finite(router_grads_.data(), router_.values().size(), op, "router gradients");
+      }
+      return;
+    }
+    kernel_.backward(*ctx_, static_cast<const T*>(merged_.data()), P(), x.data, lens, B, L,
                      static_cast<const T*>(saved_.data()), g, dx.data(), gmerged_.data(),
                      scratch_.data());
     detail::finish_rows(pol, dx.data(), static_cast<const T*>(nullptr), 0,
@@ -300,7 +325,7 @@ class device_layer {
       ctx_->gemm(true, false, N, P(), B, T(1), static_cast<const T*>(used_.data()), N, gm, P(), T(1),
                  bank_grads_.data(), P());
     }
-    if (last_routed_) backward_router(lens, B, L, dx.data());
+    if (last_routed_) backward_router(lens, B, L, dx.data(), true);
     if (skills_) {  // ∂ℓ/∂w = G·Θᵀ, then the allocation's gradient on the host
       ctx_->gemm(false, true, B, N, P(), T(1), gm, P(), static_cast<const T*>(bank_values_.data()), P(),
                  T(0), dprobs_.data(), N);
@@ -360,12 +385,13 @@ class device_layer {
   }
 
   /// ∂ℓ/∂P = G·Θᵀ, then softmax, router GEMMs, LayerNorm and the spread into dx (unless detached).
-  void backward_router(const std::int32_t* lens, std::size_t B, std::size_t L, T* dxp) {
+  /// (With `from_merged` false, dprobs_ already holds ∂ℓ/∂P.)
+  void backward_router(const std::int32_t* lens, std::size_t B, std::size_t L, T* dxp, bool from_merged) {
     const std::size_t d = input_dim();
     auto pol = ctx_->policy();
-    const T* gm = gmerged_.data();
-    ctx_->gemm(false, true, B, N, P(), T(1), gm, P(), static_cast<const T*>(bank_values_.data()), P(),
-               T(0), dprobs_.data(), N);
+    if (from_merged)
+      ctx_->gemm(false, true, B, N, P(), T(1), static_cast<const T*>(gmerged_.data()), P(),
+                 static_cast<const T*>(bank_values_.data()), P(), T(0), dprobs_.data(), N);
     // router
     detail::softmax_dropout_backward(pol, static_cast<const T*>(dprobs_.data()),
                                      static_cast<const T*>(soft_.data()),
@@ -403,14 +429,40 @@ class device_layer {
                             router_.options().pool == pooling::mean, dxp);
   }
 
-  /// The cuda backend implements smear, tag, hash, AdaMix and latent skills; the mixtures
-  /// (ensemble, top-k) are refused by name.
+  /// Ensemble backward: expert e's backward with dy scaled by p_e gives its share of ∂ℓ/∂x
+  /// and, summed over the batch, ∂ℓ/∂θ_e; ∂ℓ/∂p_be = ⟨dy_b, f_e(x_b)⟩ (one batched GEMM of
+  /// 1×1 results) goes to dprobs_ for the router.
+  void backward_ensemble(const T* g, T* dx, const std::int32_t* lens, std::size_t B, std::size_t L) {
+    auto pol = ctx_->policy();
+    const std::size_t din = input_dim(), dout = output_dim(), out = B * L * dout,
+                      sv = kernel_.saved_size(B, L), row = L * dout;
+    if (residual_)
+      detail::masked_copy(pol, g, lens, B, L, dout, dx);
+    else
+      detail::fill(pol, dx, B * L * din, T(0));
+    for (std::size_t e = 0; e < N; ++e) {
+      const T* oute = outputs_.data() + e * out;
+      ctx_->gemm_batched(false, true, 1, 1, row, T(1), g, row, row, oute, row, row, T(0), dprobs_.data() + e, 1,
+                         N, B);
+      detail::scale_rows(pol, g, static_cast<const T*>(used_.data()) + e, N, lens, B, L, dout, dye_.data());
+      kernel_.backward(*ctx_, static_cast<const T*>(bank_values_.data() + e * P()), 0, last_.data, lens, B, L,
+                       static_cast<const T*>(saved_.data() + e * sv), static_cast<const T*>(dye_.data()),
+                       dxe_.data(), gmerged_.data(), scratch_.data());
+      detail::finish_rows(pol, dx, static_cast<const T*>(nullptr), 0, static_cast<const T*>(dxe_.data()), lens,
+                          B, L, din);
+      ctx_->gemm(false, false, 1, P(), B, T(1), static_cast<const T*>(ones_.data()), B,
+                 static_cast<const T*>(gmerged_.data()), P(), T(1), bank_grads_.data() + e * P(), P());
+    }
+  }
+
+  /// The cuda backend implements smear, ensemble, tag, hash, AdaMix and latent skills; top-k
+  /// routing is refused by name.
   static void check_strategy(const strategy_options& o) {
-    if (o.strategy == strategy::ensemble || o.strategy == strategy::top_k)
+    if (o.strategy == strategy::top_k)
       throw value_error(smear::detail::message(
-          "smear::layer<cuda>: the cuda backend implements the smear, tag, hash, adamix and "
-          "latent_skills strategies; '", to_string(o.strategy),
-          "' runs on the reference and cpu backends"));
+          "smear::layer<cuda>: the cuda backend implements the smear, ensemble, tag, hash, adamix "
+          "and latent_skills strategies; '", to_string(o.strategy), "' (",
+          to_string(o.estimator), ") runs on the reference and cpu backends"));
   }
 
   struct param_group {
@@ -579,7 +631,18 @@ class device_layer {
     merged_.reserve(B * P(), "the merged parameters [B, P]");
     gmerged_.reserve(B * P(), "the merged parameters' gradients [B, P]");
     dprobs_.reserve(B * N, "the probability gradients");
-    saved_.reserve(kernel_.saved_size(B, L), "the experts' saved activations");
+    const bool ens = opt_.routing.strategy == strategy::ensemble;
+    saved_.reserve((ens ? N : 1) * kernel_.saved_size(B, L), "the experts' saved activations");
+    if (ens) {
+      outputs_.reserve(N * B * L * dout, "the ensemble's expert outputs [N, B, L, d_out]");
+      dye_.reserve(B * L * dout, "the ensemble's scaled output gradient");
+      dxe_.reserve(B * L * d, "the ensemble's per-expert input gradient");
+    }
+    if (ones_count_ < std::max(d, B)) {
+      ones_.reserve(std::max(d, B), "a ones vector");
+      detail::fill(ctx_->policy(), ones_.data(), std::max(d, B), T(1));
+      ones_count_ = std::max(d, B);
+    }
     scratch_.reserve(kernel_.scratch_size(B, L), "the experts' scratch");
     dy_masked_.reserve(B * L * dout, "the masked output gradient");
     if (!groups_.empty()) onehot_.reserve(groups_.size() * B * N, "AdaMix's one-hot selections");
@@ -601,7 +664,7 @@ class device_layer {
   buf<std::int32_t> lengths_;
   buf<T> pooled_, normed_, features_, rstd_, logits_, soft_, used_, keep_, kept_, dlogits_,
       dfeatures_, merged_, gmerged_, dprobs_, saved_, scratch_, dy_masked_, ln_stats_, ln_tmp_, ln_tmp2_,
-      ones_, onehot_;
+      ones_, onehot_, outputs_, dye_, dxe_;
   std::vector<T> keep_host_, routing_host_, check_host_;
   std::size_t batch_ = 0;
   tokens<const T> last_{};
@@ -611,7 +674,8 @@ class device_layer {
   std::vector<std::int32_t> tags_host_;
   std::optional<latent_skills<T>> skills_;
   std::vector<param_group> groups_;
-  bool last_gather_ = false, was_training_ = true;
+  bool last_gather_ = false, last_ensemble_ = false, was_training_ = true;
+  std::size_t ones_count_ = 0;
   std::vector<std::int32_t> lengths_host_;  // the lengths now on the device
   std::size_t keep_ones_ = 0;               // leading entries of keep_ known to be 1 on the device
   std::vector<std::int32_t> choices_host_;

@@ -443,6 +443,54 @@ void example_column_sums(Policy&& policy, const T* a, const std::int32_t* length
 }
 
 template <class T>
+struct mix_fn {
+  const T* outputs;  // [N, B, L, c]
+  const T* coef;     // [B, N]
+  const T* residual;
+  const std::int32_t* lengths;
+  T* y;
+  std::size_t n, B, L, c;
+  SMEAR_HOST_DEVICE void operator()(std::size_t i) const {
+    const std::size_t t = (i / c) % L, b = i / (c * L);
+    if (t >= rows_of(lengths, b, L)) {
+      y[i] = T(0);
+      return;
+    }
+    T v = residual ? residual[i] : T(0);
+    for (std::size_t e = 0; e < n; ++e) v += coef[b * n + e] * outputs[e * B * L * c + i];
+    y[i] = v;
+  }
+};
+
+/// y = residual + Σ_e coef(b, e)·outputs[e] on valid rows, 0 on padding rows; outputs is
+/// [n, B, L, c], coef [B, n].
+template <class T, class Policy>
+void mix_outputs(Policy&& policy, const T* outputs, const T* coef, std::size_t n, const T* residual,
+                 const std::int32_t* lengths, std::size_t B, std::size_t L, std::size_t c, T* y) {
+  for_each_index(policy, B * L * c, mix_fn<T>{outputs, coef, residual, lengths, y, n, B, L, c});
+}
+
+template <class T>
+struct scale_rows_fn {
+  const T* in;
+  const T* coef;  // coef of example b at coef[b * coef_stride]
+  const std::int32_t* lengths;
+  T* out;
+  std::size_t coef_stride, L, c;
+  SMEAR_HOST_DEVICE void operator()(std::size_t i) const {
+    const std::size_t t = (i / c) % L, b = i / (c * L);
+    out[i] = t < rows_of(lengths, b, L) ? coef[b * coef_stride] * in[i] : T(0);
+  }
+};
+
+/// out = coef_b · in on valid rows, 0 on padding rows; [B, L, c].
+template <class T, class Policy>
+void scale_rows(Policy&& policy, const T* in, const T* coef, std::size_t coef_stride,
+                const std::int32_t* lengths, std::size_t B, std::size_t L, std::size_t c, T* out) {
+  for_each_index(policy, B * L * c, scale_rows_fn<T>{in, coef, lengths, out, coef_stride, L, c});
+}
+
+template <class T>
 struct fill_fn {
   T* out;
   T value;

@@ -8,12 +8,14 @@
 /// `device_expert<Expert, Ctx>` exists for adapter, linear and lora; another expert type is
 /// rejected at compile time with a sentence. Contract of every specialisation, for tokens
 /// [B, L, ·] with per-example lengths (null: all rows valid):
-/// - forward(ctx, merged, x, lengths, B, L, y, saved) writes y's valid rows (padding rows are
+/// - forward(ctx, merged, ps, x, lengths, B, L, y, saved) writes y's valid rows (padding rows are
 ///   zeroed by the layer afterwards);
-/// - backward(ctx, merged, x, lengths, B, L, saved, dy, dx, grads, scratch) expects dy's padding
+/// - backward(ctx, merged, ps, x, lengths, B, L, saved, dy, dx, grads, scratch) expects dy's padding
 ///   rows to be zero, writes dx's valid rows (padding rows: anything) and every element of
 ///   grads [B, P] (row b = ∂ℓ/∂θ̄_b).
-/// Padding rows of x are multiplied by zero, so they must be finite.
+/// Example b's parameters are at merged + b·ps (ps = P for merged rows, 0 for one expert shared
+/// by the batch); grads rows are always P apart. Padding rows of x are multiplied by zero, so
+/// they must be finite.
 
 #include <cstddef>
 #include <cstdint>
@@ -44,21 +46,21 @@ class device_expert<adapter<T>, Ctx> {
   std::size_t saved_size(std::size_t B, std::size_t L) const { return 2 * B * L * m_; }
   std::size_t scratch_size(std::size_t B, std::size_t L) const { return B * L * m_; }
 
-  void forward(Ctx& ctx, const T* merged, const T* x, const std::int32_t* lengths, std::size_t B,
+  void forward(Ctx& ctx, const T* merged, std::size_t ps, const T* x, const std::int32_t* lengths, std::size_t B,
                std::size_t L, T* y, T* saved) const {
     T* pre = saved;
     T* act = saved + B * L * m_;
-    ctx.gemm_batched(false, false, L, m_, d_, T(1), x, d_, L * d_, merged, m_, p_, T(0), pre, m_,
+    ctx.gemm_batched(false, false, L, m_, d_, T(1), x, d_, L * d_, merged, m_, ps, T(0), pre, m_,
                      L * m_, B);
-    detail::bias_activate(ctx.policy(), act_, pre, merged + d_ * m_, p_, lengths, B, L, m_, act);
+    detail::bias_activate(ctx.policy(), act_, pre, merged + d_ * m_, ps, lengths, B, L, m_, act);
     ctx.gemm_batched(false, false, L, d_, m_, T(1), static_cast<const T*>(act), m_, L * m_,
-                     merged + up(), d_, p_, T(0), y, d_, L * d_, B);
+                     merged + up(), d_, ps, T(0), y, d_, L * d_, B);
     if (up_bias_)
-      detail::finish_rows(ctx.policy(), y, merged + up() + m_ * d_, p_, static_cast<const T*>(nullptr),
+      detail::finish_rows(ctx.policy(), y, merged + up() + m_ * d_, ps, static_cast<const T*>(nullptr),
                           lengths, B, L, d_);
   }
 
-  void backward(Ctx& ctx, const T* merged, const T* x, const std::int32_t* lengths, std::size_t B,
+  void backward(Ctx& ctx, const T* merged, std::size_t ps, const T* x, const std::int32_t* lengths, std::size_t B,
                 std::size_t L, const T* saved, const T* dy, T* dx, T* grads, T* scratch) const {
     const T* pre = saved;
     const T* act = saved + B * L * m_;
@@ -67,7 +69,7 @@ class device_expert<adapter<T>, Ctx> {
     ctx.gemm_batched(true, false, m_, d_, L, T(1), act, m_, L * m_, dy, d_, L * d_, T(0),
                      grads + up(), d_, p_, B);
     if (up_bias_) detail::example_column_sums(ctx.policy(), dy, lengths, B, L, d_, grads + up() + m_ * d_, p_);
-    ctx.gemm_batched(false, true, L, m_, d_, T(1), dy, d_, L * d_, merged + up(), d_, p_, T(0), dh,
+    ctx.gemm_batched(false, true, L, m_, d_, T(1), dy, d_, L * d_, merged + up(), d_, ps, T(0), dh,
                      m_, L * m_, B);
     detail::activation_backward(ctx.policy(), act_, pre, lengths, B, L, m_, dh);
     // down-projection: dW_d = Xᵀ·dA, db_d = Σ dA, dX = dA·W_dᵀ
@@ -76,7 +78,7 @@ class device_expert<adapter<T>, Ctx> {
     detail::example_column_sums(ctx.policy(), static_cast<const T*>(dh), lengths, B, L, m_,
                                 grads + d_ * m_, p_);
     ctx.gemm_batched(false, true, L, d_, m_, T(1), static_cast<const T*>(dh), m_, L * m_, merged, m_,
-                     p_, T(0), dx, d_, L * d_, B);
+                     ps, T(0), dx, d_, L * d_, B);
   }
 
  private:
@@ -96,21 +98,21 @@ class device_expert<linear<T>, Ctx> {
   std::size_t saved_size(std::size_t, std::size_t) const { return 0; }
   std::size_t scratch_size(std::size_t, std::size_t) const { return 0; }
 
-  void forward(Ctx& ctx, const T* merged, const T* x, const std::int32_t* lengths, std::size_t B,
+  void forward(Ctx& ctx, const T* merged, std::size_t ps, const T* x, const std::int32_t* lengths, std::size_t B,
                std::size_t L, T* y, T*) const {
-    ctx.gemm_batched(false, false, L, out_, in_, T(1), x, in_, L * in_, merged, out_, p_, T(0), y,
+    ctx.gemm_batched(false, false, L, out_, in_, T(1), x, in_, L * in_, merged, out_, ps, T(0), y,
                      out_, L * out_, B);
     if (bias_)
-      detail::finish_rows(ctx.policy(), y, merged + in_ * out_, p_, static_cast<const T*>(nullptr),
+      detail::finish_rows(ctx.policy(), y, merged + in_ * out_, ps, static_cast<const T*>(nullptr),
                           lengths, B, L, out_);
   }
 
-  void backward(Ctx& ctx, const T* merged, const T* x, const std::int32_t* lengths, std::size_t B,
+  void backward(Ctx& ctx, const T* merged, std::size_t ps, const T* x, const std::int32_t* lengths, std::size_t B,
                 std::size_t L, const T*, const T* dy, T* dx, T* grads, T*) const {
     ctx.gemm_batched(true, false, in_, out_, L, T(1), x, in_, L * in_, dy, out_, L * out_, T(0), grads,
                      out_, p_, B);
     if (bias_) detail::example_column_sums(ctx.policy(), dy, lengths, B, L, out_, grads + in_ * out_, p_);
-    ctx.gemm_batched(false, true, L, in_, out_, T(1), dy, out_, L * out_, merged, out_, p_, T(0), dx,
+    ctx.gemm_batched(false, true, L, in_, out_, T(1), dy, out_, L * out_, merged, out_, ps, T(0), dx,
                      in_, L * in_, B);
   }
 
@@ -156,29 +158,29 @@ class device_expert<lora<T>, Ctx> {
   std::size_t saved_size(std::size_t B, std::size_t L) const { return B * L * r_; }
   std::size_t scratch_size(std::size_t B, std::size_t L) const { return B * L * r_; }
 
-  void forward(Ctx& ctx, const T* merged, const T* x, const std::int32_t* lengths, std::size_t B,
+  void forward(Ctx& ctx, const T* merged, std::size_t ps, const T* x, const std::int32_t* lengths, std::size_t B,
                std::size_t L, T* y, T* saved) const {
-    ctx.gemm_batched(false, false, L, r_, in_, T(1), x, in_, L * in_, merged, r_, p_, T(0), saved, r_,
+    ctx.gemm_batched(false, false, L, r_, in_, T(1), x, in_, L * in_, merged, r_, ps, T(0), saved, r_,
                      L * r_, B);
     ctx.gemm_batched(false, false, L, out_, r_, s_, static_cast<const T*>(saved), r_, L * r_,
-                     merged + in_ * r_, out_, p_, T(0), y, out_, L * out_, B);
+                     merged + in_ * r_, out_, ps, T(0), y, out_, L * out_, B);
     if (has_w0_) ctx.gemm(false, false, B * L, out_, in_, T(1), x, in_, w0_.data(), out_, T(1), y, out_);
     if (has_b0_)
       detail::finish_rows(ctx.policy(), y, b0_.data(), 0, static_cast<const T*>(nullptr), lengths, B, L,
                           out_);
   }
 
-  void backward(Ctx& ctx, const T* merged, const T* x, const std::int32_t*, std::size_t B,
+  void backward(Ctx& ctx, const T* merged, std::size_t ps, const T* x, const std::int32_t*, std::size_t B,
                 std::size_t L, const T* saved, const T* dy, T* dx, T* grads, T* scratch) const {
     // dB = s·(xA)ᵀ·dY, d(xA) = s·dY·Bᵀ, dA = xᵀ·d(xA), dx = d(xA)·Aᵀ + dY·W₀ᵀ
     ctx.gemm_batched(true, false, r_, out_, L, s_, saved, r_, L * r_, dy, out_, L * out_, T(0),
                      grads + in_ * r_, out_, p_, B);
-    ctx.gemm_batched(false, true, L, r_, out_, s_, dy, out_, L * out_, merged + in_ * r_, out_, p_, T(0),
+    ctx.gemm_batched(false, true, L, r_, out_, s_, dy, out_, L * out_, merged + in_ * r_, out_, ps, T(0),
                      scratch, r_, L * r_, B);
     ctx.gemm_batched(true, false, in_, r_, L, T(1), x, in_, L * in_, static_cast<const T*>(scratch), r_,
                      L * r_, T(0), grads, r_, p_, B);
     ctx.gemm_batched(false, true, L, in_, r_, T(1), static_cast<const T*>(scratch), r_, L * r_, merged, r_,
-                     p_, T(0), dx, in_, L * in_, B);
+                     ps, T(0), dx, in_, L * in_, B);
     if (has_w0_) ctx.gemm(false, true, B * L, in_, out_, T(1), dy, out_, w0_.data(), out_, T(1), dx, in_);
   }
 
