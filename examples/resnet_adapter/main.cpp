@@ -551,16 +551,17 @@ void write_tables(const std::vector<run_result>& results, const std::vector<std:
 
 /// A domains × experts heatmap per routing block, side by side in one SVG.
 void write_heatmap(const run_result& r, const std::vector<std::string>& domains, const fs::path& path) {
-  const std::size_t cell = 18, label = 110, gap = 24, top = 40;
+  const std::size_t cell = 18, label = 110, gap = 24, top = 54;
   const std::size_t nb = r.heat.size(), N = r.experts, D = domains.size();
   const std::size_t block_w = N * cell + gap;
-  const std::size_t W = label + nb * block_w + 10, H = top + D * cell + 30;
+  const std::size_t W = std::max<std::size_t>(label + nb * block_w + 10, 420), H = top + D * cell + 30;
   std::ofstream o(path);
   if (!o) throw smear::io_error("smear-resnet: cannot write " + path.string());
   o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << H
     << "\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
   o << "<text x=\"4\" y=\"14\" font-size=\"13\">" << r.strategy << ", " << r.expert << ", N = " << N
-    << ", seed " << r.seed << ": mean routing probability per domain (rows) and expert (columns), per routing block</text>\n";
+    << ", seed " << r.seed << "</text>\n<text x=\"4\" y=\"28\">mean routing probability on the test images: "
+    << "rows = domains, columns = experts</text>\n";
   for (std::size_t dom = 0; dom < D; ++dom)
     o << "<text x=\"4\" y=\"" << top + dom * cell + 13 << "\">" << domains[dom] << "</text>\n";
   for (std::size_t b = 0; b < nb; ++b) {
