@@ -167,11 +167,15 @@ void write_heatmap(const std::string& path, const std::string& method, const std
   const int cell = 18, label = 130, top = 40, gap = 30, cols = 4;
   const int pw = label + static_cast<int>(experts) * cell, ph = 24 + static_cast<int>(tasks.size()) * cell;
   const int rows = (static_cast<int>(routing.size()) + cols - 1) / cols;
+  double top_p = 1e-9;
+  for (const auto& r : routing)
+    for (double p : r) top_p = std::max(top_p, p);
   std::ofstream f(path);
   f << "<svg xmlns='http://www.w3.org/2000/svg' width='" << cols * (pw + gap) << "' height='" << top + rows * (ph + gap)
     << "' font-family='sans-serif' font-size='11'>\n<rect width='100%' height='100%' fill='white'/>\n"
     << "<text x='10' y='20' font-size='14'>" << method
-    << ": mean routing probability on the test set, tasks (rows) × experts (columns), per routing block</text>\n";
+    << ": mean routing probability on the test set, tasks (rows) × experts (columns), per routing block; "
+    << "white = 0, darkest = " << top_p << "</text>\n";
   for (std::size_t k = 0; k < routing.size(); ++k) {
     const int x0 = static_cast<int>(k % cols) * (pw + gap), y0 = top + static_cast<int>(k / cols) * (ph + gap);
     f << "<text x='" << x0 + label << "' y='" << y0 + 12 << "'>layer " << k / 2 << (k % 2 ? " feed-forward" : " attention")
@@ -181,7 +185,7 @@ void write_heatmap(const std::string& path, const std::string& method, const std
       f << "<text x='" << x0 + label - 4 << "' y='" << y + 13 << "' text-anchor='end'>" << tasks[t].name << "</text>\n";
       for (std::size_t e = 0; e < experts; ++e) {
         const double p = std::clamp(routing[k][t * experts + e], 0.0, 1.0);
-        const int shade = static_cast<int>(255.0 * (1.0 - p));
+        const int shade = static_cast<int>(255.0 * (1.0 - p / top_p));
         f << "<rect x='" << x0 + label + static_cast<int>(e) * cell << "' y='" << y << "' width='" << cell - 1
           << "' height='" << cell - 1 << "' fill='rgb(" << shade << "," << shade << ",255)'><title>" << tasks[t].name
           << ", expert " << e << ": " << p << "</title></rect>\n";
