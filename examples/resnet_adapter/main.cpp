@@ -554,7 +554,7 @@ void write_heatmap(const run_result& r, const std::vector<std::string>& domains,
   const std::size_t cell = 18, label = 110, gap = 24, top = 54;
   const std::size_t nb = r.heat.size(), N = r.experts, D = domains.size();
   const std::size_t block_w = N * cell + gap;
-  const std::size_t W = std::max<std::size_t>(label + nb * block_w + 10, 420), H = top + D * cell + 30;
+  const std::size_t W = std::max<std::size_t>(label + nb * block_w + 10, 560), H = top + D * cell + 30;
   std::ofstream o(path);
   if (!o) throw smear::io_error("smear-resnet: cannot write " + path.string());
   o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << H
