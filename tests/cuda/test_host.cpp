@@ -91,7 +91,7 @@ TEST_CASE("cuda algorithm on the host equals the reference layer: lora, linear, 
   }
 }
 
-TEST_CASE("cuda algorithm on the host equals the reference layer: ensemble, tag, hash, adamix, latent skills") {
+TEST_CASE("cuda algorithm on the host equals the reference layer: ensemble, top-k, tag, hash, adamix, latent skills") {
   using E = adapter<float>;
   SUBCASE("tag") { check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .tags = true}, 61, {.routing = {.strategy = strategy::tag}}); }
   SUBCASE("hash of token ids") {
@@ -113,14 +113,28 @@ TEST_CASE("cuda algorithm on the host equals the reference layer: ensemble, tag,
                           {.routing = {.strategy = strategy::ensemble}});
     check<linear<float>, 2>(linear<float>{4, 6}, {.B = 2, .L = 3}, 71, {.routing = {.strategy = strategy::ensemble}});
   }
+  SUBCASE("top-k: ST-Gumbel (k = 1 and 2), REINFORCE with both baselines, at inference too") {
+    using strategy_t = smear::strategy;
+    check<E, 4>(E{9, 3}, {.B = 6, .L = 4}, 72, {.routing = {.strategy = strategy_t::top_k}});
+    check<E, 5>(E{8, 2, {.up_bias = true}}, {.B = 4, .L = 3}, 73, {.routing = {.strategy = strategy_t::top_k, .k = 2}});
+    check<E, 3>(E{8, 2}, {.B = 4, .L = 3, .train = false}, 74, {.routing = {.strategy = strategy_t::top_k, .k = 2}});
+    check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .losses = true}, 75,
+                {.routing = {.strategy = strategy_t::top_k, .estimator = estimator::reinforce, .entropy_bonus = 0.1}});
+    check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .losses = true}, 76,
+                {.routing = {.strategy = strategy_t::top_k, .estimator = estimator::reinforce,
+                             .baseline = baseline::learned}});
+    check<E, 3>(E{9, 3}, {.B = 5, .L = 4, .train = false}, 77,
+                {.routing = {.strategy = strategy_t::top_k, .estimator = estimator::reinforce}});
+  }
   SUBCASE("latent skills, training and inference") {
     const layer_options o{.routing = {.strategy = strategy::latent_skills, .tasks = 3}};
     check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .tags = true}, 66, o);
     check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .train = false, .tags = true}, 67, o);
   }
   SUBCASE("strategies the cuda backend does not run are refused by name") {
-    CHECK_THROWS_WITH_AS((host_layer<E, 2>{E{4, 2}, {.routing = {.strategy = strategy::top_k}}, 1}),
-                         doctest::Contains("'top_k' (st_gumbel) runs on the reference and cpu backends"),
+    CHECK_THROWS_WITH_AS((host_layer<E, 2>{E{4, 2}, {.routing = {.strategy = strategy::top_k,
+                                                                  .estimator = estimator::dselect}}, 1}),
+                         doctest::Contains("'top_k' (dselect) runs on the reference and cpu backends"),
                          value_error);
   }
   SUBCASE("tag errors") {

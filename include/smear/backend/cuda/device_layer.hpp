@@ -12,7 +12,9 @@
 /// softmax, router GEMMs and LayerNorm backward; the pooled gradient spread over the tokens.
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
+#include <limits>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -28,6 +30,7 @@
 #include "smear/error.hpp"
 #include "smear/layer.hpp"
 #include "smear/random.hpp"
+#include "smear/routing/baseline.hpp"
 #include "smear/routing/hash.hpp"
 #include "smear/routing/latent_skills.hpp"
 #include "smear/routing/router.hpp"
@@ -79,6 +82,8 @@ class device_layer {
     const auto& st = opt_.routing;
     if (st.strategy == strategy::latent_skills)
       skills_.emplace(st.tasks, N, st.skills_temperature, st.skills_init, extra);
+    if (st.strategy == strategy::top_k && st.estimator == estimator::reinforce)
+      baseline_.emplace(st.baseline, input_dim(), st.baseline_hidden, st.baseline_momentum, extra);
     if (st.strategy == strategy::adamix) groups_ = parameter_groups(bank_.layout());
     const std::size_t np = N * P(), nr = router_.values().size();
     bank_values_.reserve(np, "the expert bank");
@@ -104,9 +109,15 @@ class device_layer {
   smear::router<T>& router() noexcept { return router_; }
   const smear::router<T>& router() const noexcept { return router_; }
 
-  /// Whether a learned router decides the routing (smear, ensemble; unused otherwise).
+  /// Whether a learned router decides the routing (smear, ensemble, top-k; unused otherwise).
   bool uses_router() const noexcept {
-    return opt_.routing.strategy == strategy::smear || opt_.routing.strategy == strategy::ensemble;
+    const auto st = opt_.routing.strategy;
+    return st == strategy::smear || st == strategy::ensemble || st == strategy::top_k;
+  }
+  /// REINFORCE's baseline (host memory); throws state_error under another estimator.
+  reinforce_baseline<T>& baseline() {
+    if (!baseline_) throw state_error("layer<cuda>::baseline: the estimator is not reinforce");
+    return *baseline_;
   }
   const strategy_options& strategy() const noexcept { return opt_.routing; }
   /// The latent-skill allocation (host memory: it is small and read per example); throws
@@ -186,7 +197,8 @@ class device_layer {
     check_input(x, op);
     const auto st = opt_.routing.strategy;
     const bool ensemble = st == strategy::ensemble;
-    const bool routed = st == strategy::smear || ensemble;
+    const bool topk = st == strategy::top_k;
+    const bool routed = st == strategy::smear || ensemble || topk;
     if (y.size() != x.batch * x.length * output_dim())
       throw shape_error(smear::detail::message(op, ": y has ", y.size(),
                                                " values, expected [B, L, d_out] = ",
@@ -204,7 +216,8 @@ class device_layer {
     choices_valid_ = !routed;
     const std::int32_t* lens = upload_lengths(x);
 
-    if (routed) route(x, lens, op);
+    aux_ = T(0);
+    if (routed) route(x, lens, op, !topk);
     else ctx_->to_device(used_.data(), static_cast<const T*>(weights_host_.data()), B * N, op);
     if (gather) {
       // AdaMix in training: parameter group g of example b from expert e_bg, as one one-hot
@@ -215,12 +228,27 @@ class device_layer {
         ctx_->gemm(false, false, B, groups_[g].size, N, T(1), static_cast<const T*>(onehot_.data() + g * B * N),
                    N, static_cast<const T*>(bank_values_.data() + groups_[g].offset), P(), T(0),
                    merged_.data() + groups_[g].offset, P());
+    } else if (topk) {
+      select_top_k(B, op);
     } else if (!ensemble) {
       // merge: Θ̄ = P·Θ
       ctx_->gemm(false, false, B, P(), N, T(1), static_cast<const T*>(used_.data()), N,
                  static_cast<const T*>(bank_values_.data()), P(), T(0), merged_.data(), P());
     }
-    if (ensemble) {
+    if (topk) {
+      // slot j of every example runs its chosen expert: parameters gathered by a one-hot GEMM
+      const std::size_t k = slots_, out = B * L * output_dim(), sv = kernel_.saved_size(B, L);
+      for (std::size_t j = 0; j < k; ++j) {
+        ctx_->gemm(false, false, B, P(), N, T(1), static_cast<const T*>(onehot_.data() + j * B * N), N,
+                   static_cast<const T*>(bank_values_.data()), P(), T(0), merged_.data() + j * B * P(), P());
+        kernel_.forward(*ctx_, static_cast<const T*>(merged_.data() + j * B * P()), P(), x.data, lens, B, L,
+                        outputs_.data() + j * out, saved_.data() + j * sv);
+      }
+      detail::mix_outputs(ctx_->policy(), static_cast<const T*>(outputs_.data()),
+                          static_cast<const T*>(coef_.data()), k,
+                          residual_ ? x.data : static_cast<const T*>(nullptr), lens, B, L, output_dim(),
+                          y.data());
+    } else if (ensemble) {
       // every expert on the whole batch (its parameters shared: stride 0), then y = Σ_e p_e f_e
       const std::size_t out = B * L * output_dim(), sv = kernel_.saved_size(B, L);
       for (std::size_t e = 0; e < N; ++e)
@@ -243,6 +271,7 @@ class device_layer {
     last_routed_ = routed;
     last_gather_ = gather;
     last_ensemble_ = ensemble;
+    last_topk_ = topk;
     was_training_ = training_;
     pending_backward_ = true;
   }
@@ -259,11 +288,12 @@ class device_layer {
       }
       choices_valid_ = true;
     }
-    return {choices_host_.data(), batch_, 1};
+    return {choices_host_.data(), batch_, last_topk_ ? slots_ : 1};
   }
 
-  /// The smear, tag and hash strategies add no regulariser: 0.
-  T auxiliary_loss() const noexcept { return T(0); }
+  /// The regulariser backward() differentiates along with the caller's loss, as a batch mean:
+  /// REINFORCE's −bonus·H(p); 0 for the other strategies here.
+  T auxiliary_loss() const noexcept { return aux_; }
 
   /// Given dy for the last forward (in the context's memory), overwrites dx with ∂ℓ/∂x and adds
   /// the parameters' gradients on the device. Padding rows of dy are ignored; those of dx are
@@ -288,6 +318,10 @@ class device_layer {
                                                smear::detail::shape(x.batch, x.length, input_dim())));
     ctx_->check_pointer(dy.data(), op, "dy");
     ctx_->check_pointer(dx.data(), op, "dx");
+    const bool reinforce = last_topk_ && opt_.routing.estimator == estimator::reinforce && was_training_;
+    if (reinforce && example_losses.empty())
+      throw value_error(smear::detail::message(op, ": REINFORCE needs each example's loss: call "
+                                                   "backward(dy, dx, losses) with B = ", x.batch, " losses"));
     if (opt_.check_finite) check_finite(dy.data(), dy.size(), op, "dy");
     pending_backward_ = false;
     const std::size_t B = x.batch, L = x.length, d = input_dim(), dout = output_dim();
@@ -299,9 +333,13 @@ class device_layer {
       detail::masked_copy(pol, dy.data(), lens, B, L, dout, dy_masked_.data());
       g = dy_masked_.data();
     }
-    if (last_ensemble_) {
-      backward_ensemble(g, dx.data(), lens, B, L);
-      backward_router(lens, B, L, dx.data(), false);
+    if (last_ensemble_ || last_topk_) {
+      if (last_ensemble_) {
+        backward_ensemble(g, dx.data(), lens, B, L);
+        backward_router(lens, B, L, dx.data(), false);
+      } else {
+        backward_top_k(g, dx.data(), lens, B, L, example_losses, op);
+      }
       if (opt_.check_finite) {
         check_finite(dx.data(), dx.size(), op, "dx");
         check_finite(bank_grads_.data(), N * P(), op, "expert gradients");
@@ -345,12 +383,12 @@ class device_layer {
 
  private:
   /// The router's forward: pool, LayerNorm, logits, softmax with dropout into used_.
-  void route(tokens<const T> x, const std::int32_t* lens, const char* op) {
+  void route(tokens<const T> x, const std::int32_t* lens, const char* op, bool dropout) {
     const std::size_t B = x.batch, L = x.length, d = input_dim();
     auto pol = ctx_->policy();
     const bool all_rows = router_.options().pool == pooling::mean;
     // keep mask of expert dropout, drawn on the host in the reference backend's order
-    const bool drop = training_ && router_.options().expert_dropout > 0.0;
+    const bool drop = dropout && training_ && router_.options().expert_dropout > 0.0;
     if (drop || keep_ones_ < B * N) {  // an all-ones mask already on the device is reused
       keep_host_.assign(B * N, T(1));
       if (drop)
@@ -386,14 +424,17 @@ class device_layer {
 
   /// ∂ℓ/∂P = G·Θᵀ, then softmax, router GEMMs, LayerNorm and the spread into dx (unless detached).
   /// (With `from_merged` false, dprobs_ already holds ∂ℓ/∂P.)
-  void backward_router(const std::int32_t* lens, std::size_t B, std::size_t L, T* dxp, bool from_merged) {
+  /// (With `through_softmax` false, dlogits_ already holds ∂ℓ/∂z.)
+  void backward_router(const std::int32_t* lens, std::size_t B, std::size_t L, T* dxp, bool from_merged,
+                       bool through_softmax = true) {
     const std::size_t d = input_dim();
     auto pol = ctx_->policy();
     if (from_merged)
       ctx_->gemm(false, true, B, N, P(), T(1), static_cast<const T*>(gmerged_.data()), P(),
                  static_cast<const T*>(bank_values_.data()), P(), T(0), dprobs_.data(), N);
     // router
-    detail::softmax_dropout_backward(pol, static_cast<const T*>(dprobs_.data()),
+    if (through_softmax)
+      detail::softmax_dropout_backward(pol, static_cast<const T*>(dprobs_.data()),
                                      static_cast<const T*>(soft_.data()),
                                      static_cast<const T*>(used_.data()),
                                      static_cast<const T*>(keep_.data()),
@@ -455,14 +496,146 @@ class device_layer {
     }
   }
 
-  /// The cuda backend implements smear, ensemble, tag, hash, AdaMix and latent skills; top-k
-  /// routing is refused by name.
+  /// Top-k routing on the host from the router's logits and probabilities (copied back; B·N
+  /// values): ST-Gumbel's relaxed sample and its top k, or REINFORCE's sample, exactly as
+  /// smear::layer draws them; then the slots' one-hot selections and coefficients go up.
+  void select_top_k(std::size_t B, const char* op) {
+    const auto& o = opt_.routing;
+    const std::size_t k = slots_ = o.estimator == estimator::st_gumbel ? o.k : 1;
+    z_host_.resize(B * N);
+    routing_host_.resize(B * N);
+    ctx_->to_host(z_host_.data(), static_cast<const T*>(logits_.data()), B * N, op);
+    ctx_->to_host(routing_host_.data(), static_cast<const T*>(used_.data()), B * N, op);
+    const T inv_t = inv_temperature();
+    soft_host_.resize(B * N);
+    choices_host_.assign(B * k, 0);
+    coef_host_.assign(B * k, T(1) / static_cast<T>(k));
+    onehot_host_.assign(k * B * N, T(0));
+    for (std::size_t b = 0; b < B; ++b) {
+      const T* w = routing_host_.data() + b * N;
+      const T* z = z_host_.data() + b * N;
+      std::int32_t* sel = choices_host_.data() + b * k;
+      if (o.estimator == estimator::st_gumbel) {
+        T* soft = soft_host_.data() + b * N;
+        T zmax = -std::numeric_limits<T>::infinity();
+        for (std::size_t e = 0; e < N; ++e) {
+          soft[e] = training_ ? (z[e] + static_cast<T>(gen_.gumbel())) * inv_t : z[e] * inv_t;
+          zmax = std::max(zmax, soft[e]);
+        }
+        T sum = 0;
+        for (std::size_t e = 0; e < N; ++e) sum += (soft[e] = std::exp(soft[e] - zmax));
+        for (std::size_t e = 0; e < N; ++e) soft[e] /= sum;
+        for (std::size_t j = 0; j < k; ++j) {
+          std::size_t best = N;
+          for (std::size_t e = 0; e < N; ++e)
+            if (std::find(sel, sel + j, static_cast<std::int32_t>(e)) == sel + j &&
+                (best == N || soft[e] > soft[best]))
+              best = e;
+          sel[j] = static_cast<std::int32_t>(best);
+        }
+      } else {  // REINFORCE: e ~ p in training, argmax at inference
+        std::size_t e = 0;
+        if (training_) {
+          const double u = gen_.uniform();
+          double acc = 0;
+          for (e = 0; e + 1 < N; ++e)
+            if (u < (acc += static_cast<double>(w[e]))) break;
+        } else {
+          e = static_cast<std::size_t>(std::max_element(w, w + N) - w);
+        }
+        sel[0] = static_cast<std::int32_t>(e);
+        if (o.entropy_bonus > 0.0) {
+          T h = 0;
+          for (std::size_t i = 0; i < N; ++i)
+            if (w[i] > T(0)) h -= w[i] * std::log(w[i]);
+          aux_ -= static_cast<T>(o.entropy_bonus) * h / static_cast<T>(B);
+        }
+      }
+      for (std::size_t j = 0; j < k; ++j) onehot_host_[(j * B + b) * N + static_cast<std::size_t>(sel[j])] = T(1);
+    }
+    ctx_->to_device(onehot_.data(), static_cast<const T*>(onehot_host_.data()), k * B * N, op);
+    ctx_->to_device(coef_.data(), static_cast<const T*>(coef_host_.data()), B * k, op);
+    choices_valid_ = true;
+  }
+
+  /// Top-k backward: each slot's expert backward with dy scaled by its coefficient, its
+  /// parameter gradient scattered to the chosen expert (a one-hot GEMM), ∂ℓ/∂coefficient as
+  /// ⟨dy_b, f⟩; then the estimator's ∂ℓ/∂z on the host and the router's backward from the logits.
+  void backward_top_k(const T* g, T* dx, const std::int32_t* lens, std::size_t B, std::size_t L,
+                      std::span<const T> losses, const char* op) {
+    auto pol = ctx_->policy();
+    const auto& o = opt_.routing;
+    const std::size_t din = input_dim(), dout = output_dim(), out = B * L * dout,
+                      sv = kernel_.saved_size(B, L), row = L * dout, k = slots_;
+    if (residual_)
+      detail::masked_copy(pol, g, lens, B, L, dout, dx);
+    else
+      detail::fill(pol, dx, B * L * din, T(0));
+    for (std::size_t j = 0; j < k; ++j) {
+      ctx_->gemm_batched(false, true, 1, 1, row, T(1), g, row, row, static_cast<const T*>(outputs_.data() + j * out),
+                         row, row, T(0), dprobs_.data() + j, 1, k, B);
+      detail::scale_rows(pol, g, static_cast<const T*>(coef_.data()) + j, k, lens, B, L, dout, dye_.data());
+      kernel_.backward(*ctx_, static_cast<const T*>(merged_.data() + j * B * P()), P(), last_.data, lens, B, L,
+                       static_cast<const T*>(saved_.data() + j * sv), static_cast<const T*>(dye_.data()),
+                       dxe_.data(), gmerged_.data(), scratch_.data());
+      detail::finish_rows(pol, dx, static_cast<const T*>(nullptr), 0, static_cast<const T*>(dxe_.data()), lens,
+                          B, L, din);
+      ctx_->gemm(true, false, N, P(), B, T(1), static_cast<const T*>(onehot_.data() + j * B * N), N,
+                 static_cast<const T*>(gmerged_.data()), P(), T(1), bank_grads_.data(), P());
+    }
+    // ∂ℓ/∂z on the host (B·N values)
+    const T inv_t = inv_temperature();
+    const T inv_b = T(1) / static_cast<T>(B);
+    dcoef_host_.resize(B * k);
+    ctx_->to_host(dcoef_host_.data(), static_cast<const T*>(dprobs_.data()), B * k, op);
+    dw_host_.assign(B * N, T(0));
+    if (o.estimator == estimator::st_gumbel) {
+      for (std::size_t b = 0; b < B; ++b) {
+        const T* soft = soft_host_.data() + b * N;
+        T* d = dw_host_.data() + b * N;
+        for (std::size_t j = 0; j < k; ++j)
+          d[choices_host_[b * k + j]] = dcoef_host_[b * k + j] / static_cast<T>(k);
+        T dot = 0;
+        for (std::size_t e = 0; e < N; ++e) dot += d[e] * soft[e];
+        for (std::size_t e = 0; e < N; ++e) d[e] = soft[e] * (d[e] - dot) * inv_t;
+      }
+    } else {
+      if (!was_training_) return;  // argmax routing: nothing to estimate
+      const bool ln = router_.options().layer_norm;
+      const std::size_t d = input_dim();
+      features_host_.resize(B * d);
+      ctx_->to_host(features_host_.data(), static_cast<const T*>(ln ? features_.data() : pooled_.data()), B * d, op);
+      const matrix_ref<const T> feats{features_host_.data(), B, d};
+      base_host_.resize(B);
+      baseline_->predict(feats, losses, base_host_);
+      for (std::size_t b = 0; b < B; ++b) {
+        const auto e = static_cast<std::size_t>(choices_host_[b]);
+        const T adv = (losses[b] - base_host_[b]) * inv_b;
+        const T* p = routing_host_.data() + b * N;
+        T* dz = dw_host_.data() + b * N;
+        T hdot = 0;
+        for (std::size_t i = 0; i < N; ++i)
+          if (p[i] > T(0)) hdot += p[i] * (std::log(p[i]) + T(1));
+        for (std::size_t i = 0; i < N; ++i) {
+          dz[i] = adv * ((i == e ? T(1) : T(0)) - p[i]) * inv_t;
+          if (o.entropy_bonus > 0.0 && p[i] > T(0)) {
+            const T dh = -p[i] * (std::log(p[i]) + T(1) - hdot) * inv_t;
+            dz[i] -= static_cast<T>(o.entropy_bonus) * inv_b * dh;
+          }
+        }
+      }
+      baseline_->update(feats, losses, base_host_);
+    }
+    ctx_->to_device(dlogits_.data(), static_cast<const T*>(dw_host_.data()), B * N, op);
+    backward_router(lens, B, L, dx, false, false);
+  }
+
+  /// The cuda backend implements every strategy but DSelect-k, which is refused by name.
   static void check_strategy(const strategy_options& o) {
-    if (o.strategy == strategy::top_k)
+    if (o.strategy == strategy::top_k && o.estimator == estimator::dselect)
       throw value_error(smear::detail::message(
-          "smear::layer<cuda>: the cuda backend implements the smear, ensemble, tag, hash, adamix "
-          "and latent_skills strategies; '", to_string(o.strategy), "' (",
-          to_string(o.estimator), ") runs on the reference and cpu backends"));
+          "smear::layer<cuda>: the cuda backend implements every strategy but top-k with DSelect-k; '",
+          to_string(o.strategy), "' (", to_string(o.estimator), ") runs on the reference and cpu backends"));
   }
 
   struct param_group {
@@ -633,6 +806,17 @@ class device_layer {
     dprobs_.reserve(B * N, "the probability gradients");
     const bool ens = opt_.routing.strategy == strategy::ensemble;
     saved_.reserve((ens ? N : 1) * kernel_.saved_size(B, L), "the experts' saved activations");
+    const bool topk = opt_.routing.strategy == strategy::top_k;
+    if (topk) {
+      const std::size_t k = opt_.routing.estimator == estimator::st_gumbel ? opt_.routing.k : 1;
+      saved_.reserve(k * kernel_.saved_size(B, L), "the experts' saved activations");
+      merged_.reserve(k * B * P(), "the chosen experts' parameters [k, B, P]");
+      onehot_.reserve(k * B * N, "the one-hot selections");
+      coef_.reserve(B * k, "the slots' coefficients");
+      outputs_.reserve(k * B * L * dout, "the chosen experts' outputs [k, B, L, d_out]");
+      dye_.reserve(B * L * dout, "the scaled output gradient");
+      dxe_.reserve(B * L * d, "the per-slot input gradient");
+    }
     if (ens) {
       outputs_.reserve(N * B * L * dout, "the ensemble's expert outputs [N, B, L, d_out]");
       dye_.reserve(B * L * dout, "the ensemble's scaled output gradient");
@@ -664,7 +848,7 @@ class device_layer {
   buf<std::int32_t> lengths_;
   buf<T> pooled_, normed_, features_, rstd_, logits_, soft_, used_, keep_, kept_, dlogits_,
       dfeatures_, merged_, gmerged_, dprobs_, saved_, scratch_, dy_masked_, ln_stats_, ln_tmp_, ln_tmp2_,
-      ones_, onehot_, outputs_, dye_, dxe_;
+      ones_, onehot_, outputs_, dye_, dxe_, coef_;
   std::vector<T> keep_host_, routing_host_, check_host_;
   std::size_t batch_ = 0;
   tokens<const T> last_{};
@@ -674,7 +858,11 @@ class device_layer {
   std::vector<std::int32_t> tags_host_;
   std::optional<latent_skills<T>> skills_;
   std::vector<param_group> groups_;
-  bool last_gather_ = false, last_ensemble_ = false, was_training_ = true;
+  bool last_gather_ = false, last_ensemble_ = false, last_topk_ = false, was_training_ = true;
+  std::optional<reinforce_baseline<T>> baseline_;
+  std::vector<T> z_host_, coef_host_, dcoef_host_, features_host_, base_host_;
+  std::size_t slots_ = 1;
+  T aux_ = 0;
   std::size_t ones_count_ = 0;
   std::vector<std::int32_t> lengths_host_;  // the lengths now on the device
   std::size_t keep_ones_ = 0;               // leading entries of keep_ known to be 1 on the device

@@ -24,6 +24,8 @@ namespace smear {
 /// - bank() and router() are host mirrors: download() refreshes them from the device and
 ///   upload() sends changed values back; device_bank_values() etc. view the device copies;
 /// - routing() downloads [B, N] (waits for the stream); device_routing() views it on the device.
+/// - strategies: all of smear::layer's but top-k with DSelect-k (refused with value_error);
+///   skills() and baseline() live on the host.
 ///
 /// Example:
 /// ```
