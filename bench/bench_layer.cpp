@@ -3,7 +3,8 @@
 //
 // Names read `kind/mode/d:768/m:64/N:8/L:128/B:32/threads:2`, so one regex picks a subset:
 //   smear_bench --benchmark_filter='/d:768/m:64/N:8/L:128/B:32/threads:2$'
-// kinds: smear, top1, ensemble, single (smear::layer<adapter<float>, 1>), gemm (the plain Eigen
+// kinds: smear, top1, ensemble, single (smear::layer<adapter<float>, 1>), cached (smear inference
+// with a fixed per-task routing: experts merged once by set_task_routing and reused), gemm (the plain Eigen
 // GEMMs a SMEAR block runs at that shape, without any element-wise work: the ceiling), and
 // gemm_square/n:.../threads:... (one square GEMM, the machine's peak for reference).
 // modes: fwd (inference: forward only) and fwdbwd (training: forward then backward).
@@ -30,7 +31,7 @@
 
 namespace {
 
-enum class kind { smear, top1, ensemble, single, gemm };
+enum class kind { smear, top1, ensemble, single, cached, gemm };
 enum class mode { fwd, fwdbwd };
 
 constexpr const char* name(kind k) {
@@ -39,6 +40,7 @@ constexpr const char* name(kind k) {
     case kind::top1: return "top1";
     case kind::ensemble: return "ensemble";
     case kind::single: return "single";
+    case kind::cached: return "cached";
     case kind::gemm: return "gemm";
   }
   return "?";
@@ -64,6 +66,7 @@ struct workload {
     switch (k) {
       case kind::top1: return bw ? 3 * apply : apply;
       case kind::ensemble: return N * (bw ? 3 * apply : apply);
+      case kind::cached: return bw ? 3 * apply : apply;  // merged once, outside the timing
       case kind::smear:
       case kind::single:
       case kind::gemm: return bw ? 6 * B * N * P + 3 * apply : 2 * B * N * P + apply;
@@ -87,38 +90,40 @@ std::vector<float> random_vector(std::size_t n, std::uint64_t seed) {
   return v;
 }
 
-/// Selects the routing strategy of `k` in the layer's options; false when this version of the
-/// layer has no routing strategies yet.
-template <class Options>
-bool configure(Options& o, kind k) {
-  if (k == kind::smear || k == kind::single) return true;
-  if constexpr (requires { o.routing.strategy; }) {
-    using strategy = decltype(o.routing.strategy);
-    o.routing.strategy = k == kind::top1 ? strategy::top_k : strategy::ensemble;
-    return true;
-  } else {
-    return false;
-  }
+/// The layer options of a benchmark kind: top-1 is top_k with k = 1 (straight-through
+/// Gumbel-softmax, the default estimator), the ensemble mixes every expert's output.
+smear::layer_options options_for(kind k) {
+  smear::layer_options o{};
+  if (k == kind::top1) o.routing.strategy = smear::strategy::top_k;
+  if (k == kind::ensemble) o.routing.strategy = smear::strategy::ensemble;
+  return o;
 }
 
 template <std::size_t N>
 void run_layer(benchmark::State& state, workload w) {
   set_threads(w.threads);
-  smear::layer_options options{};
-  if (!configure(options, w.k)) {
-    state.SkipWithError("this layer has no routing strategies yet");
-    return;
-  }
   using expert = smear::adapter<float>;
-  smear::layer<expert, N> block{expert{w.d, w.m}, options, 42};
+  smear::layer<expert, N> block{expert{w.d, w.m}, options_for(w.k), 42};
   const bool bw = w.md == mode::fwdbwd;
   block.train(bw);
   const std::size_t size = w.batch * w.length * w.d;
   const std::vector<float> x = random_vector(size, 1), dy = random_vector(size, 2);
   std::vector<float> y(size), dx(size);
   const auto tokens = smear::make_tokens<const float>(x.data(), w.batch, w.length, w.d);
+  // cached: inference with a fixed routing per task (one task here), merged once and reused
+  const std::vector<float> task_p(N, 1.0f / float(N));
+  const std::vector<std::int32_t> tags(w.batch, 0);
+  if (w.k == kind::cached) {
+    if (bw) {
+      state.SkipWithError("the merged-expert cache serves inference only");
+      return;
+    }
+    block.set_task_routing(smear::matrix_ref<const float>{task_p.data(), 1, N});
+  }
+  const smear::route_inputs route{.tags = w.k == kind::cached ? std::span<const std::int32_t>(tags)
+                                                              : std::span<const std::int32_t>{}};
   auto step = [&] {
-    block.forward(tokens, y);
+    block.forward(tokens, y, route);
     if (bw) block.backward(dy, dx);
   };
   step();  // warm-up: buffers are sized here
@@ -222,7 +227,8 @@ void add(workload w) {
       default: return nullptr;
     }
   }();
-  if (b != nullptr) b->UseRealTime()->Unit(benchmark::kMillisecond);
+  // "Time" is wall-clock time; "CPU" is the whole process's CPU time, all threads together
+  if (b != nullptr) b->UseRealTime()->MeasureProcessCPUTime()->Unit(benchmark::kMillisecond);
 }
 
 void register_grid() {
@@ -237,13 +243,14 @@ void register_grid() {
             add({kind::single, md, s.d, s.m, 1, length, batch, threads});
             add({kind::gemm, md, s.d, s.m, 1, length, batch, threads});
             for (std::size_t n : {8, 4, 16, 32})
-              for (kind k : {kind::smear, kind::gemm, kind::top1, kind::ensemble})
-                add({k, md, s.d, s.m, n, length, batch, threads});
+              for (kind k : {kind::smear, kind::gemm, kind::top1, kind::ensemble, kind::cached})
+                if (k != kind::cached || md == mode::fwd) add({k, md, s.d, s.m, n, length, batch, threads});
           }
   for (std::size_t threads : {1, 2})
     benchmark::RegisterBenchmark(("gemm_square/n:1024/threads:" + std::to_string(threads)).c_str(),
                                  run_gemm_square, std::size_t{1024}, threads)
         ->UseRealTime()
+        ->MeasureProcessCPUTime()
         ->Unit(benchmark::kMillisecond);
 }
 

@@ -41,6 +41,7 @@ def default_workloads(threads):
         f"smear/fwdbwd/d:768/m:64/N:32/L:128/B:32/{t}",
         f"smear/fwdbwd/d:768/m:64/N:8/L:128/B:1/{t}",
         f"smear/fwd/d:768/m:24/N:8/L:1/B:32/{t}",
+        f"cached/fwd/d:768/m:24/N:8/L:1/B:32/{t}",
         f"single/fwd/d:768/m:24/N:8/L:1/B:32/{t}",
     ]
     return w
@@ -69,6 +70,7 @@ def run_smear(bench, names, repetitions, min_time, env):
     pattern = "^(" + "|".join(re.escape(bench_name(n)) + "/" for n in names) + ")"
     cmd = [bench, f"--benchmark_filter={pattern}", f"--benchmark_repetitions={repetitions}",
            "--benchmark_report_aggregates_only=true", f"--benchmark_min_time={min_time}",
+           "--benchmark_enable_random_interleaving=true",
            "--benchmark_format=json"]
     log("running", " ".join(cmd[:1]), f"({len(names)} workloads, {repetitions} repetitions)")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
@@ -76,11 +78,11 @@ def run_smear(bench, names, repetitions, min_time, env):
     for b in json.loads(out)["benchmarks"]:
         if b.get("aggregate_name") != "median":
             continue
-        name = b["run_name"].removesuffix("/real_time")
+        name = re.sub(r"(/process_time)?(/real_time)?$", "", b["run_name"])
         if b.get("error_occurred"):
             continue
         scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[b["time_unit"]]
-        result[name] = dict(b, ms=b["real_time"] * scale)
+        result[name] = dict(b, wall_ms=b["real_time"] * scale, cpu_ms=b["cpu_time"] * scale)
     return result
 
 
@@ -94,7 +96,8 @@ def run_pytorch(python, names, repetitions, min_time, env):
         if p.returncode != 0:
             log("PyTorch failed:", p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode)
             return result
-        result[name] = json.loads(p.stdout.strip().splitlines()[-1])
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        result[name] = dict(r, wall_ms=r["ms"])
     return result
 
 
@@ -141,6 +144,10 @@ def main():
                         help="OMP_WAIT_POLICY for both sides ('' keeps the environment's); passive "
                              "keeps idle OpenMP threads from spinning on a shared machine")
     parser.add_argument("--no-pytorch", action="store_true")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time (the default; needs a quiet machine); cpu: the "
+                             "process's CPU time over all its threads, which other jobs on the "
+                             "machine disturb much less (with 1 thread it estimates a quiet wall time)")
     args = parser.parse_args()
 
     bench = os.path.abspath(args.bench)
@@ -152,7 +159,7 @@ def main():
         env["OMP_WAIT_POLICY"] = args.wait_policy
     names = args.workloads or default_workloads(args.threads)
     for n in names:
-        if not re.match(r"^(smear|top1|ensemble|single)/(fwd|fwdbwd)/d:\d+/m:\d+/N:\d+/L:\d+/B:\d+/threads:\d+$", n):
+        if not re.match(r"^(smear|top1|ensemble|single|cached)/(fwd|fwdbwd)/d:\d+/m:\d+/N:\d+/L:\d+/B:\d+/threads:\d+$", n):
             sys.exit(f"compare.py: cannot read workload name '{n}'")
     have_torch = not args.no_pytorch and shutil.which(args.python) and torch_info(args.python, env)
 
@@ -160,7 +167,9 @@ def main():
     started = datetime.datetime.now(datetime.timezone.utc)
     wanted = sorted(set(names) | {g for g in map(gemm_name, names) if g})
     ours = run_smear(bench, wanted, args.repetitions, args.min_time, env)
-    theirs = run_pytorch(args.python, names, args.repetitions, args.min_time, env) if have_torch else {}
+    # PyTorch has no merged-expert cache: its "cached" row would be smear's again
+    theirs = run_pytorch(args.python, [n for n in names if not n.startswith("cached/")], args.repetitions,
+                         args.min_time, env) if have_torch else {}
     load_after = os.getloadavg()
 
     key = f"smear/fwdbwd/{KEY}/threads:{args.threads}"
@@ -172,13 +181,15 @@ def main():
                                    "--repetitions=1", "--min-time=0.05"], env)
         rss_torch_idle = peak_rss_mib([args.python, "-c", "import torch"], env)
 
+    clock = args.clock + "_ms"
+
     def ms(table, name):
-        return table.get(bench_name(name) if table is ours else name, {}).get("ms")
+        return table.get(bench_name(name) if table is ours else name, {}).get(clock)
 
     print(f"Run {started:%Y-%m-%d %H:%M} UTC on {cpu_model()}, {os.cpu_count()} cores; "
           f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
           f"OMP_WAIT_POLICY={env.get('OMP_WAIT_POLICY', '(unset)')}; "
-          f"{args.repetitions} repetitions, medians.")
+          f"{args.repetitions} repetitions, medians of {'wall-clock' if args.clock == 'wall' else 'process CPU'} time.")
     print(f"PyTorch: {have_torch or 'not run'}.")
     print()
     print("| workload | smear ms | PyTorch ms | PyTorch / smear | GEMM ceiling ms | share of ceiling |")
@@ -186,7 +197,7 @@ def main():
     for n in names:
         a, b = ms(ours, n), ms(theirs, n)
         g = gemm_name(n)
-        c = ours.get(g, {}).get("ms") if g else None
+        c = ours.get(g, {}).get(clock) if g else None
         print(f"| {n} | {fmt(a)} | {fmt(b)} | {fmt(b / a if a and b else None)} | {fmt(c)} | "
               f"{fmt(c / a * 100 if a and c else None, '.0f')}{'%' if a and c else ''} |")
     print()
@@ -195,23 +206,24 @@ def main():
     sm, t1, en = (ms(ours, f"{k}/fwdbwd/{KEY}/{t}") for k in ("smear", "top1", "ensemble"))
     smf, t1f, enf = (ms(ours, f"{k}/fwd/{KEY}/{t}") for k in ("smear", "top1", "ensemble"))
     pt = ms(theirs, f"smear/fwdbwd/{KEY}/{t}")
-    ceiling = ours.get(gemm_name(key), {}).get("ms")
+    ceiling = ours.get(gemm_name(key), {}).get(clock)
     ws = ours.get(key, {}).get("workspace_ratio")
-    l1s, l1a = ms(ours, f"smear/fwd/d:768/m:24/N:8/L:1/B:32/{t}"), ms(ours, f"single/fwd/d:768/m:24/N:8/L:1/B:32/{t}")
+    l1 = "fwd/d:768/m:24/N:8/L:1/B:32/" + t
+    l1s, l1c, l1a = ms(ours, "smear/" + l1), ms(ours, "cached/" + l1), ms(ours, "single/" + l1)
 
     def ratio(a, b):
         return a / b if a and b else None
 
     print("| target (key workload: d=768, m=64, N=8, L=128, B=32) | wanted | measured |")
     print("| --- | --- | --- |")
-    print(f"| PyTorch / smear, forward+backward, {args.threads} threads | ≥ 2 | {fmt(ratio(pt, sm))} |")
+    print(f"| PyTorch / smear, forward+backward, threads: {args.threads} | ≥ 2 | {fmt(ratio(pt, sm))} |")
     print(f"| smear / top-1, forward+backward (forward only) | ≤ 1.10 | {fmt(ratio(sm, t1))} ({fmt(ratio(smf, t1f))}) |")
     print(f"| ensemble / smear, forward+backward (forward only) | ≥ 5 | {fmt(ratio(en, sm))} ({fmt(ratio(enf, smf))}) |")
     print(f"| share of the GEMM ceiling, forward+backward | ≥ 70% | "
           f"{fmt(ceiling / sm * 100 if ceiling and sm else None, '.0f')}% |")
     print(f"| workspace / (B merged vectors + saved activations) | ≤ 1.5 | {fmt(ws)} |")
-    print(f"| L = 1, B = 32, m = 24, forward: smear / single adapter (no cached merge) | ≤ 1.2 cached | "
-          f"{fmt(ratio(l1s, l1a))} |")
+    print(f"| L = 1, B = 32, m = 24, N = 8, forward: cached merge / single adapter (uncached smear) | ≤ 1.2 | "
+          f"{fmt(ratio(l1c, l1a))} ({fmt(ratio(l1s, l1a))}) |")
     print(f"| peak resident memory of a process running the key workload, MiB | — | smear {fmt(rss_ours, '.0f')}, "
           f"PyTorch {fmt(rss_theirs, '.0f')} (of which {fmt(rss_torch_idle, '.0f')} after `import torch` alone) |")
 

@@ -10,7 +10,8 @@ adapter. `fwd` runs inference (no autograd); `fwdbwd` runs forward then backward
 random dy.
 
 Needs Debian's python3-torch (run with /usr/bin/python3). Prints one JSON object per workload
-(name, median milliseconds, every repetition), names as in smear_bench:
+(name, median wall-clock milliseconds "ms", median process CPU milliseconds "cpu_ms", every
+repetition), names as in smear_bench:
     /usr/bin/python3 bench/compare_pytorch.py smear/fwdbwd/d:768/m:64/N:8/L:128/B:32/threads:2
 """
 
@@ -102,14 +103,15 @@ def measure(name, repetitions, min_time):
     step()
     once = max(time.perf_counter() - t0, 1e-6)
     iterations = max(1, int(min_time / once))
-    times = []
+    times, cpu_times = [], []
     for _ in range(repetitions):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(iterations):
             step()
         times.append((time.perf_counter() - t0) / iterations * 1e3)
-    return {"name": name, "ms": statistics.median(times), "repetitions": times, "iterations": iterations,
-            "torch": torch.__version__, "threads": threads}
+        cpu_times.append((time.process_time() - c0) / iterations * 1e3)
+    return {"name": name, "ms": statistics.median(times), "cpu_ms": statistics.median(cpu_times),
+            "repetitions": times, "iterations": iterations, "torch": torch.__version__, "threads": threads}
 
 
 def main():
