@@ -26,6 +26,9 @@
 //   --pretrain-steps N   backbone pre-training steps (default 800)
 //   --d-model N --layers N --heads N --d-kv N --d-ff N --relu   backbone shape (default 64, 4, 4, 16, 128, gated-GELU)
 //   --max-len N          tokens per example (default 64)
+//   --vocab N            embedding rows (default: the SentencePiece vocabulary + 1 mask id); e.g.
+//                        32128 with --d-model 512 --layers 6 --heads 8 --d-kv 64 --d-ff 2048 --relu for
+//                        Hugging Face's t5-small model.safetensors and data tokenised with its spiece.model
 //   --quick              a few minutes on 2 cores: 150 steps, 250 pre-training steps, 500 validation examples
 
 #include <algorithm>
@@ -46,7 +49,7 @@ namespace {
 struct cli {
   std::string command, data, out = "smear-t5-out", backbone, method = "smear";
   std::vector<std::string> methods = t5ex::all_methods();
-  std::size_t seeds = 1, pretrain_steps = 800, max_len = 64;
+  std::size_t seeds = 1, pretrain_steps = 800, max_len = 64, vocab = 0;
   t5ex::train_options train;
   t5ex::t5_config cfg{.d_model = 64, .d_kv = 16, .num_heads = 4, .d_ff = 128, .num_layers = 4, .gated_gelu = true};
 };
@@ -101,6 +104,7 @@ cli parse(int argc, char** argv) {
     else if (a == "--d-ff") c.cfg.d_ff = number();
     else if (a == "--relu") c.cfg.gated_gelu = false;
     else if (a == "--max-len") c.max_len = number();
+    else if (a == "--vocab") c.vocab = number();
     else if (a == "--quick") quick = true;
     else if (c.command == "tiny-data" && a[0] != '-') c.out = a;
     else throw smear::value_error("smear-t5: unknown option '" + a + "'");
@@ -277,7 +281,11 @@ int main(int argc, char** argv) {
     if (c.command != "compare" && c.command != "train" && c.command != "pretrain")
       throw smear::value_error("smear-t5: unknown command '" + c.command + "' (compare, train, pretrain, tiny-data)");
     const t5ex::dataset d = t5ex::read_dataset(c.data, c.max_len);
-    c.cfg.vocab_size = vocabulary(c, d);
+    c.cfg.vocab_size = c.vocab != 0 ? c.vocab : vocabulary(c, d);
+    if (c.cfg.vocab_size <= static_cast<std::size_t>(d.max_id) + 1)
+      throw smear::value_error(smear::detail::message("smear-t5: --vocab ", c.cfg.vocab_size,
+                                                      " must exceed the largest token id + 1 = ", d.max_id + 1,
+                                                      " (the last id is the mask)"));
     std::fprintf(stderr, "data %s: %zu tasks, %zu / %zu / %zu train / validation / test examples, vocabulary %zu\n",
                  c.data.c_str(), d.tasks.size(), d.train.size(), d.validation.size(), d.test.size(), c.cfg.vocab_size);
     t5ex::t5_encoder enc{c.cfg};
