@@ -76,7 +76,8 @@ def run_smear(bench, names, repetitions, min_time, env):
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     result = {}
     for b in json.loads(out)["benchmarks"]:
-        if b.get("aggregate_name") != "median":
+        # the median of the repetitions (a single repetition has no aggregates)
+        if b.get("aggregate_name") != "median" and not (repetitions == 1 and b.get("run_type") == "iteration"):
             continue
         name = re.sub(r"(/process_time)?(/real_time)?$", "", b["run_name"])
         if b.get("error_occurred"):
