@@ -134,6 +134,7 @@ namespace {
 using expert = smear::adapter<float>;
 
 /// Forward then backward of `block` on a fixed batch, three times; returns the allocations.
+/// Every example gets a tag and a loss, for the strategies that read them.
 template <class Layer>
 std::size_t steady_state_allocations(Layer& block, std::size_t B, std::size_t L,
                                      std::span<const std::int32_t> lengths) {
@@ -141,11 +142,15 @@ std::size_t steady_state_allocations(Layer& block, std::size_t B, std::size_t L,
   const std::size_t d = block.input_dim();
   const auto x = smear::testing::random_vector<float>(B * L * d, gen);
   const auto dy = smear::testing::random_vector<float>(B * L * d, gen);
+  const auto losses = smear::testing::random_vector<float>(B, gen);
+  std::vector<std::int32_t> tags(B);
+  for (std::size_t b = 0; b < B; ++b) tags[b] = static_cast<std::int32_t>(b % 4);
   std::vector<float> y(x.size()), dx(x.size());
   const auto tokens = smear::make_tokens<const float>(x.data(), B, L, d, lengths);
+  const smear::route_inputs route{.tags = tags};
   auto step = [&] {
-    block.forward(tokens, y);
-    block.backward(dy, dx);
+    block.forward(tokens, y, route);
+    if (block.training()) block.backward(dy, dx, losses);
   };
   step();  // warm-up: buffers (and the OpenMP thread pool) are set up here
   return count_allocations([&] {
@@ -188,5 +193,26 @@ TEST_CASE("layer: forward + backward allocate nothing after a warm-up") {
   SUBCASE("single adapter, one example") {
     smear::layer<expert, 1> block{expert{d, m}, {}, 5};
     CHECK(steady_state_allocations(block, 1, L, {}) == 0);
+  }
+  SUBCASE("every other strategy, training and inference") {
+    for (const char* name : {"ensemble", "st_gumbel", "reinforce", "dselect", "tag", "hash", "adamix",
+                             "latent_skills"}) {
+      smear::strategy_options routing = smear::parse_strategy(name);
+      routing.tasks = 4;  // latent skills: one row per tag
+      for (bool training : {true, false}) {
+        CAPTURE(name);
+        CAPTURE(training);
+        smear::layer<expert, 8> block{expert{d, m}, {.routing = routing}, 6};
+        block.train(training);
+        CHECK(steady_state_allocations(block, B, L, lengths) == 0);
+      }
+    }
+  }
+  SUBCASE("smear inference through the merged-expert cache") {
+    smear::layer<expert, 8> block{expert{d, m}, {}, 7};
+    const std::vector<float> p(4 * 8, 1.0f / 8);
+    block.set_task_routing(smear::matrix_ref<const float>{p.data(), 4, 8});
+    block.train(false);
+    CHECK(steady_state_allocations(block, B, L, lengths) == 0);
   }
 }
