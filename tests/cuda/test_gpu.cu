@@ -126,6 +126,16 @@ TEST_CASE("cuda layer equals the reference layer: ensemble, top-k, tag, hash, ad
     check<E, 3>(E{9, 3}, {.B = 5, .L = 4, .train = false}, 77,
                 {.routing = {.strategy = strategy_t::top_k, .estimator = estimator::reinforce}});
   }
+  SUBCASE("top-k with DSelect-k: N a power of two and not, entropy and unused-code terms, inference") {
+    using strategy_t = smear::strategy;
+    check<E, 4>(E{9, 3}, {.B = 5, .L = 4}, 78,
+                {.routing = {.strategy = strategy_t::top_k, .estimator = estimator::dselect}});
+    check<E, 5>(E{8, 2}, {.B = 6, .L = 3}, 79,
+                {.routing = {.strategy = strategy_t::top_k, .estimator = estimator::dselect,
+                             .dselect_entropy = 0.1, .dselect_unused_penalty = 0.5}});
+    check<E, 3>(E{8, 2}, {.B = 4, .L = 3, .train = false}, 80,
+                {.routing = {.strategy = strategy_t::top_k, .estimator = estimator::dselect}});
+  }
   SUBCASE("latent skills, training and inference") {
     const layer_options o{.routing = {.strategy = strategy::latent_skills, .tasks = 3}};
     check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .tags = true}, 66, o);

@@ -126,16 +126,23 @@ TEST_CASE("cuda algorithm on the host equals the reference layer: ensemble, top-
     check<E, 3>(E{9, 3}, {.B = 5, .L = 4, .train = false}, 77,
                 {.routing = {.strategy = strategy_t::top_k, .estimator = estimator::reinforce}});
   }
+  SUBCASE("top-k with DSelect-k: N a power of two and not, entropy and unused-code terms, inference") {
+    using strategy_t = smear::strategy;
+    check<E, 4>(E{9, 3}, {.B = 5, .L = 4}, 78,
+                {.routing = {.strategy = strategy_t::top_k, .estimator = estimator::dselect}});
+    check<E, 5>(E{8, 2}, {.B = 6, .L = 3}, 79,
+                {.routing = {.strategy = strategy_t::top_k, .estimator = estimator::dselect,
+                             .dselect_entropy = 0.1, .dselect_unused_penalty = 0.5}});
+    check<E, 3>(E{8, 2}, {.B = 4, .L = 3, .train = false}, 80,
+                {.routing = {.strategy = strategy_t::top_k, .estimator = estimator::dselect}});
+  }
   SUBCASE("latent skills, training and inference") {
     const layer_options o{.routing = {.strategy = strategy::latent_skills, .tasks = 3}};
     check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .tags = true}, 66, o);
     check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .train = false, .tags = true}, 67, o);
   }
-  SUBCASE("strategies the cuda backend does not run are refused by name") {
-    CHECK_THROWS_WITH_AS((host_layer<E, 2>{E{4, 2}, {.routing = {.strategy = strategy::top_k,
-                                                                  .estimator = estimator::dselect}}, 1}),
-                         doctest::Contains("'top_k' (dselect) runs on the reference and cpu backends"),
-                         value_error);
+  SUBCASE("strategy options are validated as by smear::layer") {
+    CHECK_THROWS_AS((host_layer<E, 2>{E{4, 2}, {.routing = {.strategy = strategy::top_k, .k = 3}}, 1}), value_error);
   }
   SUBCASE("tag errors") {
     host_layer<E, 2> block{E{4, 2}, {.routing = {.strategy = strategy::tag}}, 1};

@@ -12,6 +12,7 @@
 /// softmax, router GEMMs and LayerNorm backward; the pooled gradient spread over the tokens.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <limits>
@@ -31,6 +32,7 @@
 #include "smear/layer.hpp"
 #include "smear/random.hpp"
 #include "smear/routing/baseline.hpp"
+#include "smear/routing/dselect.hpp"
 #include "smear/routing/hash.hpp"
 #include "smear/routing/latent_skills.hpp"
 #include "smear/routing/router.hpp"
@@ -65,13 +67,13 @@ class device_layer {
                         CtxArgs&&... ctx_args)
       : ctx_(std::make_unique<Ctx>(std::forward<CtxArgs>(ctx_args)...)),
         bank_(std::move(prototype)),
-        router_(bank_.expert().input_dim(), N, options.router, seed ^ 0x5EED0F5EA4ull),
+        router_(bank_.expert().input_dim(), router_outputs(options.routing), options.router,
+                seed ^ 0x5EED0F5EA4ull),
         opt_(options),
         residual_(options.residual.value_or(is_residual_expert<Expert>)),
         gen_(seed),
         kernel_(bank_.expert(), *ctx_) {
     validate(opt_.routing, N);
-    check_strategy(opt_.routing);
     if (residual_ && bank_.expert().input_dim() != bank_.expert().output_dim())
       throw value_error(smear::detail::message(
           "layer: residual needs input_dim == output_dim, the expert has ",
@@ -169,6 +171,7 @@ class device_layer {
   matrix_ref<const T> device_routing() const noexcept { return {used_.data(), batch_, N}; }
   /// The same copied to the host (waits for the stream).
   matrix_ref<const T> routing() {
+    if (last_dselect_) return {weights_host_.data(), batch_, N};
     routing_host_.resize(batch_ * N);
     ctx_->to_host(routing_host_.data(), static_cast<const T*>(used_.data()), batch_ * N,
                   "smear cuda layer: download of the routing");
@@ -214,6 +217,7 @@ class device_layer {
     const std::size_t B = x.batch, L = x.length;
     reserve(B, L);
     choices_valid_ = !routed;
+    choice_cols_ = 1;
     const std::int32_t* lens = upload_lengths(x);
 
     aux_ = T(0);
@@ -272,6 +276,7 @@ class device_layer {
     last_gather_ = gather;
     last_ensemble_ = ensemble;
     last_topk_ = topk;
+    last_dselect_ = topk && opt_.routing.estimator == estimator::dselect;
     was_training_ = training_;
     pending_backward_ = true;
   }
@@ -288,7 +293,7 @@ class device_layer {
       }
       choices_valid_ = true;
     }
-    return {choices_host_.data(), batch_, last_topk_ ? slots_ : 1};
+    return {choices_host_.data(), batch_, choice_cols_};
   }
 
   /// The regulariser backward() differentiates along with the caller's loss, as a batch mean:
@@ -387,14 +392,15 @@ class device_layer {
     const std::size_t B = x.batch, L = x.length, d = input_dim();
     auto pol = ctx_->policy();
     const bool all_rows = router_.options().pool == pooling::mean;
+    const std::size_t R = router_.outputs();
     // keep mask of expert dropout, drawn on the host in the reference backend's order
     const bool drop = dropout && training_ && router_.options().expert_dropout > 0.0;
-    if (drop || keep_ones_ < B * N) {  // an all-ones mask already on the device is reused
-      keep_host_.assign(B * N, T(1));
+    if (drop || keep_ones_ < B * R) {  // an all-ones mask already on the device is reused
+      keep_host_.assign(B * R, T(1));
       if (drop)
         for (auto& k : keep_host_) k = gen_.uniform() >= router_.options().expert_dropout ? T(1) : T(0);
-      ctx_->to_device(keep_.data(), static_cast<const T*>(keep_host_.data()), B * N, op);
-      keep_ones_ = drop ? 0 : B * N;
+      ctx_->to_device(keep_.data(), static_cast<const T*>(keep_host_.data()), B * R, op);
+      keep_ones_ = drop ? 0 : B * R;
     }
 
     // router
@@ -417,8 +423,8 @@ class device_layer {
                              normed_.data(), features_.data(), rstd_.data());
       features = features_.data();
     }
-    ctx_->gemm(false, true, B, N, d, T(1), features, d, rv + weight_offset(), d, T(0), logits_.data(), N);
-    detail::softmax_dropout(pol, logits_.data(), rv + weight_offset() + N * d, keep_.data(), B, N,
+    ctx_->gemm(false, true, B, R, d, T(1), features, d, rv + weight_offset(), d, T(0), logits_.data(), R);
+    detail::softmax_dropout(pol, logits_.data(), rv + weight_offset() + R * d, keep_.data(), B, R,
                             inv_temperature(), soft_.data(), used_.data(), kept_.data());
   }
 
@@ -427,7 +433,7 @@ class device_layer {
   /// (With `through_softmax` false, dlogits_ already holds ∂ℓ/∂z.)
   void backward_router(const std::int32_t* lens, std::size_t B, std::size_t L, T* dxp, bool from_merged,
                        bool through_softmax = true) {
-    const std::size_t d = input_dim();
+    const std::size_t d = input_dim(), R = router_.outputs();
     auto pol = ctx_->policy();
     if (from_merged)
       ctx_->gemm(false, true, B, N, P(), T(1), static_cast<const T*>(gmerged_.data()), P(),
@@ -445,9 +451,9 @@ class device_layer {
     const bool ln = router_.options().layer_norm;
     const T* features = ln ? features_.data() : pooled_.data();
     const T* dz = dlogits_.data();
-    ctx_->gemm(true, false, N, d, B, T(1), dz, N, features, d, T(1), rg + weight_offset(), d);
-    detail::add_column_sums(pol, dz, static_cast<const T*>(nullptr), B, N, rg + weight_offset() + N * d);
-    ctx_->gemm(false, false, B, d, N, T(1), dz, N, rv + weight_offset(), d, T(0), dfeatures_.data(), d);
+    ctx_->gemm(true, false, R, d, B, T(1), dz, R, features, d, T(1), rg + weight_offset(), d);
+    detail::add_column_sums(pol, dz, static_cast<const T*>(nullptr), B, R, rg + weight_offset() + R * d);
+    ctx_->gemm(false, false, B, d, R, T(1), dz, R, rv + weight_offset(), d, T(0), dfeatures_.data(), d);
     if (ln) {
       // dgain += Σ_b df ⊙ normed, dshift += Σ_b df; then ∂ℓ/∂h with the row means as GEMMs
       const T* nrm = normed_.data();
@@ -501,7 +507,11 @@ class device_layer {
   /// smear::layer draws them; then the slots' one-hot selections and coefficients go up.
   void select_top_k(std::size_t B, const char* op) {
     const auto& o = opt_.routing;
-    const std::size_t k = slots_ = o.estimator == estimator::st_gumbel ? o.k : 1;
+    if (o.estimator == estimator::dselect) {
+      select_dselect(B, op);
+      return;
+    }
+    const std::size_t k = slots_ = choice_cols_ = o.estimator == estimator::st_gumbel ? o.k : 1;
     z_host_.resize(B * N);
     routing_host_.resize(B * N);
     ctx_->to_host(z_host_.data(), static_cast<const T*>(logits_.data()), B * N, op);
@@ -558,6 +568,54 @@ class device_layer {
     choices_valid_ = true;
   }
 
+  /// DSelect-k (k = 1): ⌈log₂ N⌉ smooth-step gates of the router's logits weight the experts'
+  /// binary codes, as smear::layer computes them. Training runs every expert with a nonzero code
+  /// weight (slot e = expert e, coefficient r_e), inference the best one.
+  void select_dselect(std::size_t B, const char* op) {
+    const auto& o = opt_.routing;
+    const std::size_t K = router_.outputs(), codes = std::size_t{1} << K;
+    const std::size_t k = slots_ = training_ ? N : 1;
+    choice_cols_ = 1;
+    z_host_.resize(B * K);
+    ctx_->to_host(z_host_.data(), static_cast<const T*>(logits_.data()), B * K, op);
+    gates_host_.resize(B * K);
+    r_host_.resize(B * codes);
+    weights_host_.resize(B * N);
+    choices_host_.assign(B, 0);
+    coef_host_.assign(B * k, T(0));
+    onehot_host_.assign(k * B * N, T(0));
+    for (std::size_t b = 0; b < B; ++b) {
+      T* gates = gates_host_.data() + b * K;
+      T* r = r_host_.data() + b * codes;
+      T* w = weights_host_.data() + b * N;
+      for (std::size_t i = 0; i < K; ++i)
+        gates[i] = static_cast<T>(dselect::smooth_step(static_cast<double>(z_host_[b * K + i]), o.dselect_gamma));
+      dselect::code_weights<T>({gates, K}, {r, codes});
+      T used = 0, h = 0, unused = 0;
+      for (std::size_t e = 0; e < codes; ++e) {
+        if (r[e] > T(0)) h -= r[e] * std::log(r[e]);
+        (e < N ? used : unused) += r[e];
+      }
+      for (std::size_t e = 0; e < N; ++e) w[e] = used > T(0) ? r[e] / used : T(1) / static_cast<T>(N);
+      const auto best = static_cast<std::size_t>(std::max_element(w, w + N) - w);
+      choices_host_[b] = static_cast<std::int32_t>(best);
+      if (training_) {
+        for (std::size_t e = 0; e < N; ++e) {
+          onehot_host_[(e * B + b) * N + e] = T(1);
+          coef_host_[b * k + e] = r[e] > T(0) ? r[e] : T(0);
+        }
+      } else {
+        onehot_host_[b * N + best] = T(1);
+        coef_host_[b] = T(1);
+      }
+      aux_ += (static_cast<T>(o.dselect_entropy) * h + static_cast<T>(o.dselect_unused_penalty) * unused) /
+              static_cast<T>(B);
+    }
+    ctx_->to_device(onehot_.data(), static_cast<const T*>(onehot_host_.data()), k * B * N, op);
+    ctx_->to_device(coef_.data(), static_cast<const T*>(coef_host_.data()), B * k, op);
+    choices_valid_ = true;
+  }
+
   /// Top-k backward: each slot's expert backward with dy scaled by its coefficient, its
   /// parameter gradient scattered to the chosen expert (a one-hot GEMM), ∂ℓ/∂coefficient as
   /// ⟨dy_b, f⟩; then the estimator's ∂ℓ/∂z on the host and the router's backward from the logits.
@@ -589,6 +647,33 @@ class device_layer {
     dcoef_host_.resize(B * k);
     ctx_->to_host(dcoef_host_.data(), static_cast<const T*>(dprobs_.data()), B * k, op);
     dw_host_.assign(B * N, T(0));
+    if (o.estimator == estimator::dselect) {
+      if (!was_training_) return;  // one expert with coefficient 1: no gradient to the gates
+      const std::size_t K = router_.outputs(), codes = std::size_t{1} << K;
+      std::vector<T>& dr = dr_host_;
+      dr.resize(codes);
+      dw_host_.assign(B * K, T(0));
+      for (std::size_t b = 0; b < B; ++b) {
+        const T* r = r_host_.data() + b * codes;
+        std::fill(dr.begin(), dr.end(), T(0));
+        for (std::size_t e = 0; e < N; ++e)
+          if (r[e] > T(0)) dr[e] = dcoef_host_[b * k + e];
+        for (std::size_t e = 0; e < codes; ++e) {
+          if (!(r[e] > T(0))) continue;
+          dr[e] += static_cast<T>(o.dselect_entropy) * (-std::log(r[e]) - T(1)) * inv_b;
+          if (e >= N) dr[e] += static_cast<T>(o.dselect_unused_penalty) * inv_b;
+        }
+        std::array<T, 64> dg{};
+        dselect::code_weights_backward<T>({gates_host_.data() + b * K, K}, dr, {dg.data(), K});
+        for (std::size_t i = 0; i < K; ++i)
+          dw_host_[b * K + i] =
+              dg[i] * static_cast<T>(dselect::smooth_step_derivative(static_cast<double>(z_host_[b * K + i]),
+                                                                    o.dselect_gamma));
+      }
+      ctx_->to_device(dlogits_.data(), static_cast<const T*>(dw_host_.data()), B * K, op);
+      backward_router(lens, B, L, dx, false, false);
+      return;
+    }
     if (o.estimator == estimator::st_gumbel) {
       for (std::size_t b = 0; b < B; ++b) {
         const T* soft = soft_host_.data() + b * N;
@@ -630,12 +715,9 @@ class device_layer {
     backward_router(lens, B, L, dx, false, false);
   }
 
-  /// The cuda backend implements every strategy but DSelect-k, which is refused by name.
-  static void check_strategy(const strategy_options& o) {
-    if (o.strategy == strategy::top_k && o.estimator == estimator::dselect)
-      throw value_error(smear::detail::message(
-          "smear::layer<cuda>: the cuda backend implements every strategy but top-k with DSelect-k; '",
-          to_string(o.strategy), "' (", to_string(o.estimator), ") runs on the reference and cpu backends"));
+  /// The router's outputs: ⌈log₂ N⌉ gate logits for DSelect-k, N logits otherwise.
+  static std::size_t router_outputs(const strategy_options& o) {
+    return o.strategy == strategy::top_k && o.estimator == estimator::dselect ? ceil_log2(N) : N;
   }
 
   struct param_group {
@@ -808,7 +890,8 @@ class device_layer {
     saved_.reserve((ens ? N : 1) * kernel_.saved_size(B, L), "the experts' saved activations");
     const bool topk = opt_.routing.strategy == strategy::top_k;
     if (topk) {
-      const std::size_t k = opt_.routing.estimator == estimator::st_gumbel ? opt_.routing.k : 1;
+      const auto est = opt_.routing.estimator;
+      const std::size_t k = est == estimator::st_gumbel ? opt_.routing.k : est == estimator::dselect ? N : 1;
       saved_.reserve(k * kernel_.saved_size(B, L), "the experts' saved activations");
       merged_.reserve(k * B * P(), "the chosen experts' parameters [k, B, P]");
       onehot_.reserve(k * B * N, "the one-hot selections");
@@ -861,7 +944,9 @@ class device_layer {
   bool last_gather_ = false, last_ensemble_ = false, last_topk_ = false, was_training_ = true;
   std::optional<reinforce_baseline<T>> baseline_;
   std::vector<T> z_host_, coef_host_, dcoef_host_, features_host_, base_host_;
-  std::size_t slots_ = 1;
+  std::size_t slots_ = 1, choice_cols_ = 1;
+  bool last_dselect_ = false;
+  std::vector<T> gates_host_, r_host_, dr_host_;
   T aux_ = 0;
   std::size_t ones_count_ = 0;
   std::vector<std::int32_t> lengths_host_;  // the lengths now on the device

@@ -24,8 +24,9 @@ namespace smear {
 /// - bank() and router() are host mirrors: download() refreshes them from the device and
 ///   upload() sends changed values back; device_bank_values() etc. view the device copies;
 /// - routing() downloads [B, N] (waits for the stream); device_routing() views it on the device.
-/// - strategies: all of smear::layer's but top-k with DSelect-k (refused with value_error);
-///   skills() and baseline() live on the host.
+/// - every strategy of smear::layer; the small per-example decisions (Gumbel samples,
+///   REINFORCE, DSelect-k's gates, latent skills) are made on the host from B×N values copied
+///   back, and skills() and baseline() live on the host.
 ///
 /// Example:
 /// ```
