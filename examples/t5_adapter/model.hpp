@@ -370,9 +370,12 @@ inline train_result train_classifier(t5_encoder& enc, const dataset& data, const
   res.train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() - eval_seconds;
   for (std::size_t i = 0; i < params.size(); ++i) std::copy(best[i].begin(), best[i].end(), params[i].value.begin());
   if (!checkpoint.empty()) {
-    std::vector<safetensors::tensor_view> ts;
-    for (std::size_t i = 0; i < params.size(); ++i) ts.push_back({params[i].name, {best[i].size()}, best[i]});
-    safetensors::write(checkpoint, ts, {{"method", o.method}, {"best_step", std::to_string(res.best_step)}});
+    smear::safetensors_writer out;
+    for (std::size_t i = 0; i < params.size(); ++i)
+      out.add(params[i].name, std::span<const float>(best[i]), {best[i].size()});
+    out.metadata("method", o.method);
+    out.metadata("best_step", std::to_string(res.best_step));
+    out.save(checkpoint);
   }
   res.test = model.evaluate(data.test, 0, true);
   return res;

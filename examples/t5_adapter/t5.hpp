@@ -25,7 +25,7 @@
 #include <string>
 #include <vector>
 
-#include "safetensors.hpp"
+#include <smear/io/safetensors.hpp>
 
 namespace t5ex {
 
@@ -156,21 +156,29 @@ class t5_encoder {
 
   /// Writes the parameters as safetensors (F32, Hugging Face names), with `metadata`.
   void save(const std::string& path, const std::vector<std::pair<std::string, std::string>>& metadata = {}) const {
-    std::vector<safetensors::tensor_view> ts;
-    for (const auto& s : slots_) ts.push_back({s.name, s.shape, std::span<const float>(values_).subspan(s.offset, s.size())});
-    safetensors::write(path, ts, metadata);
+    smear::safetensors_writer out;
+    for (const auto& s : slots_)
+      out.add(s.name, std::span<const float>(values_).subspan(s.offset, s.size()), s.shape);
+    for (const auto& [key, value] : metadata) out.metadata(key, value);
+    out.save(path);
   }
   /// Reads every tensor of this configuration from a safetensors file (a Hugging Face T5
-  /// `model.safetensors` works: the decoder's tensors are ignored). Throws io_error naming a
-  /// missing tensor or a wrong shape.
+  /// `model.safetensors` works: the decoder's tensors are ignored; F16 and BF16 are converted).
+  /// Throws io_error naming a missing tensor or a wrong shape; nothing is changed then.
   void load(const std::string& path) {
-    const safetensors::file f = safetensors::read(path);
+    const auto f = smear::safetensors_file::open(path);
+    std::vector<float> next(values_.size());
     for (const auto& s : slots_) {
       std::string name = s.name;
       if (!f.contains(name) && name == "shared.weight" && f.contains("encoder.embed_tokens.weight"))
         name = "encoder.embed_tokens.weight";
-      f.copy_to(name, s.shape, std::span<float>(values_).subspan(s.offset, s.size()));
+      if (f.at(name).shape != s.shape)
+        throw smear::io_error(smear::detail::message("t5_encoder::load: '", path, "': tensor '", name,
+                                                     "' has shape ", smear::detail::shape_string(f.at(name).shape),
+                                                     ", this configuration needs ", smear::detail::shape_string(s.shape)));
+      f.read(name, std::span<float>(next).subspan(s.offset, s.size()));
     }
+    std::copy(next.begin(), next.end(), values_.begin());  // spans into values_ stay valid
   }
 
   /// out ← encoder(ids): ids [B, L] (right padded, lengths[b] valid), out [B, L, d_model].

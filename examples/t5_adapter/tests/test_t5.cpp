@@ -181,9 +181,9 @@ TEST_CASE("safetensors: round trip and rejected files") {
     huge[7] = '\x7f';  // header length beyond the file
     std::ofstream(dir / "huge.safetensors", std::ios::binary).write(huge.data(), static_cast<long>(huge.size()));
   }
-  CHECK_THROWS_AS(t5ex::safetensors::read((dir / "cut.safetensors").string()), smear::io_error);
-  CHECK_THROWS_AS(t5ex::safetensors::read((dir / "huge.safetensors").string()), smear::io_error);
-  CHECK_THROWS_AS(t5ex::safetensors::read((dir / "absent.safetensors").string()), smear::io_error);
+  CHECK_THROWS_AS(smear::safetensors_file::open((dir / "cut.safetensors").string()), smear::io_error);
+  CHECK_THROWS_AS(smear::safetensors_file::open((dir / "huge.safetensors").string()), smear::io_error);
+  CHECK_THROWS_AS(smear::safetensors_file::open((dir / "absent.safetensors").string()), smear::io_error);
   std::filesystem::remove_all(dir);
 }
 
