@@ -14,6 +14,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "smear/backend/kernels.hpp"
@@ -65,7 +66,8 @@ void check_finite(std::span<const T> v, const char* op, const char* what) {
 /// AdaMix gathers one random expert per parameter group (the plain average at inference), tag
 /// and hash routing run one fixed expert, the ensemble and top-k routing run the chosen experts
 /// separately and mix their outputs. A single expert and a parameter-matched dense adapter are
-/// `layer<E, 1>` (with `adapter{d, N·m}` for the dense one).
+/// `layer<E, 1>` (with `adapter{d, N·m}` for the dense one), which runs its one expert
+/// directly: no router, no merge.
 ///
 /// Inference cache: in evaluation mode, strategies whose routing depends on the example's task
 /// only (latent skills, AdaMix, SMEAR after set_task_routing()) merge once per task and reuse
@@ -434,6 +436,8 @@ class layer {
         throw shape_error(detail::message(op, ": example_ids has ", in.example_ids.size(),
                                           " values, expected B = ", x.batch));
     }
+    // one expert: every strategy runs it as it is (the routing is the constant 1)
+    if constexpr (N == 1) return path::select;
     switch (s) {
       case strategy::smear: return task_routed ? path::cached : path::merge;
       case strategy::latent_skills: return training_ ? path::merge : path::cached;
@@ -495,6 +499,22 @@ class layer {
       const T* w = weights_.data() + b * N;
       choices_[b] = static_cast<std::int32_t>(std::max_element(w, w + N) - w);
     }
+  }
+
+  /// Below this many multiply-adds (valid rows × P × experts run) a batch stays on one thread:
+  /// waking the others would cost more than it saves.
+  static constexpr std::size_t parallel_work = std::size_t{1} << 18;
+
+  /// f(b, thread) for every example, spread over the backend's threads when the batch is worth it.
+  template <class F>
+  void for_each_example(const Backend& be, tokens<const T> x, F&& f) {
+    std::size_t rows = 0;
+    for (std::size_t b = 0; b < x.batch; ++b) rows += x.valid(b) * (path_ == path::mixture ? count_[b] : 1);
+    if (rows * bank_.parameter_count() < parallel_work) {
+      for (std::size_t b = 0; b < x.batch; ++b) f(b, std::size_t{0});
+      return;
+    }
+    backend::parallel_for(be, x.batch, std::forward<F>(f));
   }
 
   // ---- routing, forward ----------------------------------------------------------------
@@ -559,10 +579,10 @@ class layer {
   void route_select(tokens<const T> x, const route_inputs& in) {
     const std::size_t B = x.batch;
     for (std::size_t b = 0; b < B; ++b) {
-      std::size_t e;
-      if (opt_.routing.strategy == strategy::tag) {
+      std::size_t e = 0;  // the only expert when N = 1
+      if (N > 1 && opt_.routing.strategy == strategy::tag) {
         e = static_cast<std::size_t>(tags_[b]);
-      } else {
+      } else if (N > 1) {
         const std::uint64_t seed = opt_.routing.hash_seed;
         const std::uint64_t h =
             !in.token_ids.empty()
@@ -692,7 +712,7 @@ class layer {
   void apply(const Backend& be, tokens<const T> x, std::span<T> y) {
     const Expert& ex = bank_.expert();
     const std::size_t din = input_dim(), dout = output_dim(), P = bank_.parameter_count();
-    backend::parallel_for(be, x.batch, [&](std::size_t b, std::size_t) {
+    for_each_example(be, x, [&](std::size_t b, std::size_t) {
       const std::size_t rows = x.valid(b);
       matrix_ref<const T> xb = x.example(b).middle_rows(0, rows);
       matrix_ref<T> yb{y.data() + b * x.length * dout, rows, dout};
@@ -706,7 +726,7 @@ class layer {
   void apply_mixture(const Backend& be, tokens<const T> x, std::span<T> y) {
     const Expert& ex = bank_.expert();
     const std::size_t din = input_dim(), dout = output_dim(), k = slots(), L = x.length;
-    backend::parallel_for(be, x.batch, [&](std::size_t b, std::size_t) {
+    for_each_example(be, x, [&](std::size_t b, std::size_t) {
       const std::size_t rows = x.valid(b);
       matrix_ref<const T> xb = x.example(b).middle_rows(0, rows);
       std::span<T> yb{y.data() + b * L * dout, rows * dout};
@@ -731,7 +751,7 @@ class layer {
   void backward_experts(const Backend& be, tokens<const T> x, std::span<const T> dy, tokens<T> dx) {
     const Expert& ex = bank_.expert();
     const std::size_t P = bank_.parameter_count(), din = input_dim(), dout = output_dim();
-    backend::parallel_for(be, x.batch, [&](std::size_t b, std::size_t thread) {
+    for_each_example(be, x, [&](std::size_t b, std::size_t thread) {
       const std::size_t rows = x.valid(b);
       matrix_ref<const T> xb = x.example(b).middle_rows(0, rows);
       matrix_ref<const T> dyb{dy.data() + b * x.length * dout, rows, dout};
@@ -789,7 +809,7 @@ class layer {
     const std::size_t P = bank_.parameter_count(), din = input_dim(), dout = output_dim(), k = slots(),
                       L = x.length, threads = backend::max_threads(be);
     std::fill_n(dbank_.data(), threads * N * P, T(0));
-    backend::parallel_for(be, x.batch, [&](std::size_t b, std::size_t thread) {
+    for_each_example(be, x, [&](std::size_t b, std::size_t thread) {
       const std::size_t rows = x.valid(b);
       matrix_ref<const T> xb = x.example(b).middle_rows(0, rows);
       matrix_ref<const T> dyb{dy.data() + b * L * dout, rows, dout};
