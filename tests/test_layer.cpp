@@ -395,3 +395,32 @@ TEST_CASE("non-finite values: propagated by default, reported in checked mode") 
   CHECK_THROWS_WITH_AS(checked.backward(dy, dx), doctest::Contains("dy holds inf at flat index 3"),
                        numeric_error);
 }
+
+namespace {
+
+/// An expert that throws from forward when given more than `limit` rows.
+template <class T>
+struct picky_expert : archetypes::mergeable_expert<T> {
+  using archetypes::mergeable_expert<T>::mergeable_expert;
+  std::size_t limit = 2;
+  template <class Backend>
+  void forward(Backend be, std::span<const T> params, matrix_ref<const T> x, matrix_ref<T> y,
+               std::span<T> saved) const {
+    if (x.rows > limit) throw value_error("picky_expert: too many rows");
+    archetypes::mergeable_expert<T>::forward(be, params, x, y, saved);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("an expert's exception reaches the caller from the threaded loop") {
+  constexpr std::size_t B = 64, L = 4, d = 4096;  // enough work for the batch to be threaded
+  layer<picky_expert<float>, 2, backend::cpu> block{picky_expert<float>{d}, {}, 1};
+  std::vector<float> x(B * L * d, 0.5f), y(x.size());
+  std::vector<std::int32_t> len(B, 2);
+  len[37] = 3;
+  CHECK_THROWS_WITH_AS(block.forward(make_tokens<const float>(x.data(), B, L, d, len), y),
+                       "picky_expert: too many rows", value_error);
+  len[37] = 2;
+  block.forward(make_tokens<const float>(x.data(), B, L, d, len), y);
+}

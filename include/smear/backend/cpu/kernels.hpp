@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <exception>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -310,9 +311,18 @@ void parallel_for(cpu, std::size_t n, F&& f) {
 #ifdef _OPENMP
   if (n > 1 && omp_get_max_threads() > 1 && !omp_in_parallel()) {
     const auto count = static_cast<long long>(n);
+    // an exception must not leave an OpenMP region: keep the first, rethrow it after the loop
+    std::exception_ptr error;
 #pragma omp parallel for schedule(static)
-    for (long long i = 0; i < count; ++i)
-      f(static_cast<std::size_t>(i), static_cast<std::size_t>(omp_get_thread_num()));
+    for (long long i = 0; i < count; ++i) {
+      try {
+        f(static_cast<std::size_t>(i), static_cast<std::size_t>(omp_get_thread_num()));
+      } catch (...) {
+#pragma omp critical(smear_parallel_for_error)
+        if (!error) error = std::current_exception();
+      }
+    }
+    if (error) std::rethrow_exception(error);
     return;
   }
 #endif
