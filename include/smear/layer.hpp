@@ -120,7 +120,7 @@ class layer {
       skills_.emplace(s.tasks, N, s.skills_temperature, s.skills_init, extra);
     if (is(estimator::reinforce))
       baseline_.emplace(s.baseline, input_dim(), s.baseline_hidden, s.baseline_momentum, extra);
-    if (s.strategy == strategy::adamix) groups_ = parameter_groups(bank_.layout());
+    if (s.strategy == strategy::adamix) groups_ = smear::parameter_groups(bank_.layout());
   }
 
   const Expert& expert() const noexcept { return bank_.expert(); }
@@ -353,10 +353,6 @@ class layer {
     mixture,  ///< several experts run, outputs mixed (ensemble, top-k)
   };
 
-  /// A contiguous range of the parameter vector drawn as one unit by AdaMix.
-  struct group {
-    std::size_t offset, size;
-  };
 
   static std::size_t router_outputs(const strategy_options& s) {
     return s.strategy == strategy::top_k && s.estimator == estimator::dselect ? ceil_log2(N) : N;
@@ -375,21 +371,6 @@ class layer {
     return is(estimator::st_gumbel) ? opt_.routing.k : is(estimator::reinforce) ? 1 : N;
   }
   void touch() noexcept { ++version_; }
-
-  /// Slots sharing the name before the first '.' ("down", "up", "lora_a", ...) form a group.
-  static std::vector<group> parameter_groups(const parameter_layout& layout) {
-    std::vector<group> out;
-    std::string last;
-    for (const auto& s : layout) {
-      const std::string prefix = s.name.substr(0, s.name.find('.'));
-      if (out.empty() || prefix != last)
-        out.push_back({s.offset, s.size()});
-      else
-        out.back().size += s.size();
-      last = prefix;
-    }
-    return out;
-  }
 
   void check_input(tokens<const T> x, const char* op) const {
     const auto shape = detail::shape(x.batch, x.length, x.dim);
@@ -922,7 +903,7 @@ class layer {
   rng gen_;
   std::optional<latent_skills<T>> skills_;
   std::optional<reinforce_baseline<T>> baseline_;
-  std::vector<group> groups_;
+  std::vector<parameter_range> groups_;
   path path_ = path::merge;
   // per-call buffers
   std::vector<T> merged_, saved_, dparams_, scratch_, dprobs_, weights_, soft_, coef_, dcoef_,

@@ -8,6 +8,7 @@
 #include <numeric>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "smear/error.hpp"
@@ -91,6 +92,28 @@ void initialize(const parameter_layout& layout, std::span<T> params, rng& gen) {
       }
     }
   }
+}
+
+/// A contiguous range [offset, offset + size) of a parameter vector.
+struct parameter_range {
+  std::size_t offset = 0;
+  std::size_t size = 0;
+};
+
+/// Consecutive slots sharing the name before the first '.' ("down", "up", "lora_a", ...), merged
+/// into ranges: the parameter groups AdaMix draws an expert for independently.
+inline std::vector<parameter_range> parameter_groups(const parameter_layout& layout) {
+  std::vector<parameter_range> out;
+  std::string last;
+  for (const auto& s : layout) {
+    std::string prefix = s.name.substr(0, s.name.find('.'));
+    if (out.empty() || prefix != last)
+      out.push_back({s.offset, s.size()});
+    else
+      out.back().size += s.size();
+    last = std::move(prefix);
+  }
+  return out;
 }
 
 }  // namespace smear

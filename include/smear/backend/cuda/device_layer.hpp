@@ -86,7 +86,7 @@ class device_layer {
       skills_.emplace(st.tasks, N, st.skills_temperature, st.skills_init, extra);
     if (st.strategy == strategy::top_k && st.estimator == estimator::reinforce)
       baseline_.emplace(st.baseline, input_dim(), st.baseline_hidden, st.baseline_momentum, extra);
-    if (st.strategy == strategy::adamix) groups_ = parameter_groups(bank_.layout());
+    if (st.strategy == strategy::adamix) groups_ = smear::parameter_groups(bank_.layout());
     const std::size_t np = N * P(), nr = router_.values().size();
     bank_values_.reserve(np, "the expert bank");
     bank_grads_.reserve(np, "the expert bank's gradients");
@@ -720,25 +720,6 @@ class device_layer {
     return o.strategy == strategy::top_k && o.estimator == estimator::dselect ? ceil_log2(N) : N;
   }
 
-  struct param_group {
-    std::size_t offset, size;
-  };
-  /// AdaMix's parameter groups: consecutive layout slots sharing the prefix before the first
-  /// '.' (down.*, up.*), as smear::layer groups them.
-  static std::vector<param_group> parameter_groups(const parameter_layout& layout) {
-    std::vector<param_group> out;
-    std::string last;
-    for (const auto& sl : layout) {
-      const std::string prefix = sl.name.substr(0, sl.name.find('.'));
-      if (out.empty() || prefix != last)
-        out.push_back({sl.offset, sl.size()});
-      else
-        out.back().size += sl.size();
-      last = prefix;
-    }
-    return out;
-  }
-
   /// AdaMix: in training an independent random expert per parameter group of each example
   /// (drawn in smear::layer's order), at inference the plain average.
   void route_adamix(std::size_t B, bool gather) {
@@ -940,7 +921,7 @@ class device_layer {
   std::vector<T> weights_host_, soft_host_, dw_host_, onehot_host_;
   std::vector<std::int32_t> tags_host_;
   std::optional<latent_skills<T>> skills_;
-  std::vector<param_group> groups_;
+  std::vector<parameter_range> groups_;
   bool last_gather_ = false, last_ensemble_ = false, last_topk_ = false, was_training_ = true;
   std::optional<reinforce_baseline<T>> baseline_;
   std::vector<T> z_host_, coef_host_, dcoef_host_, features_host_, base_host_;
