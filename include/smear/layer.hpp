@@ -6,11 +6,9 @@
 /// merged expert; the other strategies share the same interface.
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <limits>
 #include <optional>
 #include <span>
 #include <string>
@@ -24,7 +22,7 @@
 #include "smear/parameter.hpp"
 #include "smear/random.hpp"
 #include "smear/routing/baseline.hpp"
-#include "smear/routing/dselect.hpp"
+#include "smear/routing/estimators.hpp"
 #include "smear/routing/hash.hpp"
 #include "smear/routing/latent_skills.hpp"
 #include "smear/routing/router.hpp"
@@ -260,7 +258,7 @@ class layer {
                                cache_.capacity() + cache_weights_.capacity() + losses_.capacity();
     return sizeof(T) * values + sizeof(const T*) * theta_.capacity() +
            sizeof(std::int32_t) * (choices_.capacity() + selected_.capacity() + tags_.capacity()) +
-           sizeof(std::size_t) * count_.capacity() + router_.workspace_bytes();
+           sizeof(std::size_t) * count_.capacity() + touched_.capacity() + router_.workspace_bytes();
   }
 
   /// y ← block(x). `x` is [B, L, input_dim] with per-example lengths; `y` has B·L·output_dim
@@ -452,6 +450,7 @@ class layer {
       grow(outputs_, B * k * L * output_dim());
       grow(dxtmp_, threads * L * input_dim());
       grow(dbank_, threads * N * P);
+      grow(touched_, threads * N);
       if (selected_.size() < B * k) selected_.resize(B * k);
       if (count_.size() < B) count_.resize(B);
       grow(losses_, B);
@@ -620,59 +619,28 @@ class layer {
         choices_[b] = static_cast<std::int32_t>(std::max_element(w, w + N) - w);
       } else if (s.estimator == estimator::st_gumbel) {
         // s = softmax((z + g) / τ) in training, p at evaluation; run the top k of s
-        T* soft = soft_.data() + b * N;
-        T zmax = -std::numeric_limits<T>::infinity();
-        for (std::size_t e = 0; e < N; ++e) {
-          w[e] = p(b, e);
-          soft[e] = training_ ? (z(b, e) + static_cast<T>(gen_.gumbel())) * inv_t : z(b, e) * inv_t;
-          zmax = std::max(zmax, soft[e]);
-        }
-        T sum = 0;
-        for (std::size_t e = 0; e < N; ++e) sum += (soft[e] = std::exp(soft[e] - zmax));
-        for (std::size_t e = 0; e < N; ++e) soft[e] /= sum;
+        std::span<T> soft{soft_.data() + b * N, N};
+        for (std::size_t e = 0; e < N; ++e) w[e] = p(b, e);
+        estimate::gumbel_softmax<T>(z.row(b), inv_t, training_, gen_, soft);
+        estimate::top_k<T>(soft, {sel, k});
         for (std::size_t j = 0; j < k; ++j) {
-          std::size_t best = N;
-          for (std::size_t e = 0; e < N; ++e)
-            if (std::find(sel, sel + j, static_cast<std::int32_t>(e)) == sel + j && (best == N || soft[e] > soft[best]))
-              best = e;
-          sel[j] = static_cast<std::int32_t>(best);
           c[j] = T(1) / static_cast<T>(k);
           choices_[b * k + j] = sel[j];
         }
         n = k;
       } else if (s.estimator == estimator::reinforce) {
-        std::size_t e = 0;
         for (std::size_t i = 0; i < N; ++i) w[i] = p(b, i);
-        if (training_) {  // e ~ p
-          const double u = gen_.uniform();
-          double acc = 0;
-          for (e = 0; e + 1 < N; ++e)
-            if (u < (acc += static_cast<double>(w[e]))) break;
-        } else {
-          e = static_cast<std::size_t>(std::max_element(w, w + N) - w);
-        }
+        const std::size_t e = estimate::sample_or_argmax<T>(p.row(b), training_, gen_);
         sel[0] = choices_[b] = static_cast<std::int32_t>(e);
         c[0] = T(1);
         n = 1;
-        if (s.entropy_bonus > 0.0) {
-          T h = 0;
-          for (std::size_t i = 0; i < N; ++i)
-            if (w[i] > T(0)) h -= w[i] * std::log(w[i]);
-          aux_ -= static_cast<T>(s.entropy_bonus) * h / static_cast<T>(B);
-        }
+        if (s.entropy_bonus > 0.0)
+          aux_ -= static_cast<T>(s.entropy_bonus) * estimate::entropy<T>(p.row(b)) / static_cast<T>(B);
       } else {  // DSelect-k: gates g_i = smooth_step(z_i), code weights r
         const std::size_t K = router_.outputs(), codes = std::size_t{1} << K;
-        T* gates = dprobs_.data() + b * K;  // kept for backward; dprobs_ is free until then
-        T* r = soft_.data() + b * codes;
-        for (std::size_t i = 0; i < K; ++i)
-          gates[i] = static_cast<T>(dselect::smooth_step(static_cast<double>(z(b, i)), s.dselect_gamma));
-        dselect::code_weights<T>({gates, K}, {r, codes});
-        T used = 0, h = 0, unused = 0;
-        for (std::size_t e = 0; e < codes; ++e) {
-          if (r[e] > T(0)) h -= r[e] * std::log(r[e]);
-          (e < N ? used : unused) += r[e];
-        }
-        for (std::size_t e = 0; e < N; ++e) w[e] = used > T(0) ? r[e] / used : T(1) / static_cast<T>(N);
+        std::span<T> r{soft_.data() + b * codes, codes};
+        // the gates are kept in dprobs_ for backward; dprobs_ is free until then
+        const auto picked = dselect::select<T>(z.row(b), s.dselect_gamma, {dprobs_.data() + b * K, K}, r, {w, N});
         const auto best = static_cast<std::size_t>(std::max_element(w, w + N) - w);
         choices_[b] = static_cast<std::int32_t>(best);
         if (training_) {
@@ -681,7 +649,8 @@ class layer {
         } else {
           sel[0] = static_cast<std::int32_t>(best), c[0] = T(1), n = 1;
         }
-        aux_ += (static_cast<T>(s.dselect_entropy) * h + static_cast<T>(s.dselect_unused_penalty) * unused) /
+        aux_ += (static_cast<T>(s.dselect_entropy) * picked.entropy +
+                 static_cast<T>(s.dselect_unused_penalty) * picked.unused) /
                 static_cast<T>(B);
       }
       count_[b] = n;
@@ -789,7 +758,8 @@ class layer {
     const Expert& ex = bank_.expert();
     const std::size_t P = bank_.parameter_count(), din = input_dim(), dout = output_dim(), k = slots(),
                       L = x.length, threads = backend::max_threads(be);
-    std::fill_n(dbank_.data(), threads * N * P, T(0));
+    // each thread's accumulator row for expert e is written by the first example that ran e on it
+    std::fill_n(touched_.data(), threads * N, char{0});
     for_each_example(be, x, [&](std::size_t b, std::size_t thread) {
       const std::size_t rows = x.valid(b);
       matrix_ref<const T> xb = x.example(b).middle_rows(0, rows);
@@ -808,7 +778,13 @@ class layer {
         ex.backward(be, bank_row(e), xb, std::span<const T>(saved(slot, rows)), dyb, dxe, g,
                     scratch(thread, rows));
         backend::axpy<T>(be, coef_[slot], std::span<const T>(dxe.data, rows * din), dxb.first(rows * din));
-        backend::axpy<T>(be, coef_[slot], std::span<const T>(g), {dbank_.data() + (thread * N + e) * P, P});
+        std::span<T> acc{dbank_.data() + (thread * N + e) * P, P};
+        if (touched_[thread * N + e]) {
+          backend::axpy<T>(be, coef_[slot], std::span<const T>(g), acc);
+        } else {
+          touched_[thread * N + e] = 1;
+          std::transform(g.begin(), g.end(), acc.begin(), [c = coef_[slot]](T v) { return c * v; });
+        }
         const T* out = outputs_.data() + slot * L * dout;
         T dot = 0;
         for (std::size_t i = 0; i < rows * dout; ++i) dot += dyb.data[i] * out[i];
@@ -818,7 +794,8 @@ class layer {
     auto bank_grad = bank_.gradients();
     for (std::size_t t = 0; t < threads; ++t)
       for (std::size_t e = 0; e < N; ++e)
-        backend::axpy<T>(be, T(1), std::span<const T>(dbank_.data() + (t * N + e) * P, P), bank_grad.row(e));
+        if (touched_[t * N + e])
+          backend::axpy<T>(be, T(1), std::span<const T>(dbank_.data() + (t * N + e) * P, P), bank_grad.row(e));
   }
 
   /// The router's gradient for the ensemble and each top-k estimator.
@@ -841,55 +818,31 @@ class layer {
     if (s.estimator == estimator::st_gumbel) {
       // y = Σ_j (1 − sg(s_j) + s_j)/k · f_j: ∂ℓ/∂s_j = ⟨dy, f_j⟩ / k, then through the softmax
       for (std::size_t b = 0; b < B; ++b) {
-        const T* soft = soft_.data() + b * N;
-        T* d = dz.row(b).data();
-        std::fill_n(d, N, T(0));
-        for (std::size_t j = 0; j < k; ++j) d[selected_[b * k + j]] = dcoef_[b * k + j] / static_cast<T>(k);
-        T dot = 0;
-        for (std::size_t e = 0; e < N; ++e) dot += d[e] * soft[e];
-        for (std::size_t e = 0; e < N; ++e) d[e] = soft[e] * (d[e] - dot) * inv_t;
+        std::span<T> d = dz.row(b);
+        std::fill(d.begin(), d.end(), T(0));
+        for (std::size_t j = 0; j < k; ++j) d[static_cast<std::size_t>(selected_[b * k + j])] = dcoef_[b * k + j] / static_cast<T>(k);
+        estimate::softmax_backward<T>({soft_.data() + b * N, N}, d, inv_t);
       }
     } else if (s.estimator == estimator::reinforce) {
       if (!was_training_) return;  // argmax routing: nothing to estimate
       // ∂/∂z of mean_b (ℓ_b − baseline_b)·log p_b(e_b) − bonus·H(p_b)
       std::span<T> base{losses_.data(), B};
       baseline_->predict(router_.features(), losses, base);
-      for (std::size_t b = 0; b < B; ++b) {
-        const auto e = static_cast<std::size_t>(selected_[b]);
-        const T adv = (losses[b] - base[b]) * inv_b;
-        T* d = dz.row(b).data();
-        T hdot = 0;  // Σ p (log p + 1), for ∂H/∂z = −p ⊙ (log p + 1 − Σ p (log p + 1)) / τ
-        for (std::size_t i = 0; i < N; ++i)
-          if (p(b, i) > T(0)) hdot += p(b, i) * (std::log(p(b, i)) + T(1));
-        for (std::size_t i = 0; i < N; ++i) {
-          d[i] = adv * ((i == e ? T(1) : T(0)) - p(b, i)) * inv_t;
-          if (s.entropy_bonus > 0.0 && p(b, i) > T(0)) {
-            const T dh = -p(b, i) * (std::log(p(b, i)) + T(1) - hdot) * inv_t;
-            d[i] -= static_cast<T>(s.entropy_bonus) * inv_b * dh;
-          }
-        }
-      }
+      for (std::size_t b = 0; b < B; ++b)
+        estimate::reinforce_gradient<T>(p.row(b), static_cast<std::size_t>(selected_[b]), (losses[b] - base[b]) * inv_b,
+                                        static_cast<T>(s.entropy_bonus) * inv_b, inv_t, dz.row(b));
       baseline_->update(router_.features(), losses, base);
     } else {  // DSelect-k
       if (!was_training_) return;  // one expert with coefficient 1: no gradient to the gates
       const std::size_t K = router_.outputs(), codes = std::size_t{1} << K;
       const auto z = router_.logits();
-      std::vector<T>& dr = dr_;
-      dr.resize(codes);
+      dr_.resize(codes);
       for (std::size_t b = 0; b < B; ++b) {
-        const T* r = soft_.data() + b * codes;
-        std::fill(dr.begin(), dr.end(), T(0));
-        for (std::size_t j = 0; j < count_[b]; ++j) dr[static_cast<std::size_t>(selected_[b * k + j])] = dcoef_[b * k + j];
-        for (std::size_t e = 0; e < codes; ++e) {
-          if (!(r[e] > T(0))) continue;
-          dr[e] += static_cast<T>(s.dselect_entropy) * (-std::log(r[e]) - T(1)) * inv_b;
-          if (e >= N) dr[e] += static_cast<T>(s.dselect_unused_penalty) * inv_b;
-        }
-        std::array<T, 64> dg{};
-        dselect::code_weights_backward<T>({dprobs_.data() + b * K, K}, dr, {dg.data(), K});
-        T* d = dz.row(b).data();
-        for (std::size_t i = 0; i < K; ++i)
-          d[i] = dg[i] * static_cast<T>(dselect::smooth_step_derivative(static_cast<double>(z(b, i)), s.dselect_gamma));
+        std::fill(dr_.begin(), dr_.end(), T(0));
+        for (std::size_t j = 0; j < count_[b]; ++j) dr_[static_cast<std::size_t>(selected_[b * k + j])] = dcoef_[b * k + j];
+        dselect::select_backward<T>(z.row(b), s.dselect_gamma, {dprobs_.data() + b * K, K},
+                                    {soft_.data() + b * codes, codes}, N, static_cast<T>(s.dselect_entropy) * inv_b,
+                                    static_cast<T>(s.dselect_unused_penalty) * inv_b, dr_, dz.row(b).first(K));
       }
     }
     router_.backward_logits(be, matrix_ref<const T>(dz), dx);
@@ -911,6 +864,7 @@ class layer {
   std::vector<const T*> theta_;
   std::vector<std::int32_t> choices_, selected_, tags_;
   std::vector<std::size_t> count_;
+  std::vector<char> touched_;  ///< [threads, N]: which rows of dbank_ this backward wrote
   std::size_t batch_ = 0, saved_stride_ = 0, scratch_stride_ = 0;
   T aux_ = 0;
   tokens<const T> last_{};

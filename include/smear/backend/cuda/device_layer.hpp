@@ -32,7 +32,7 @@
 #include "smear/layer.hpp"
 #include "smear/random.hpp"
 #include "smear/routing/baseline.hpp"
-#include "smear/routing/dselect.hpp"
+#include "smear/routing/estimators.hpp"
 #include "smear/routing/hash.hpp"
 #include "smear/routing/latent_skills.hpp"
 #include "smear/routing/router.hpp"
@@ -526,40 +526,13 @@ class device_layer {
       const T* z = z_host_.data() + b * N;
       std::int32_t* sel = choices_host_.data() + b * k;
       if (o.estimator == estimator::st_gumbel) {
-        T* soft = soft_host_.data() + b * N;
-        T zmax = -std::numeric_limits<T>::infinity();
-        for (std::size_t e = 0; e < N; ++e) {
-          soft[e] = training_ ? (z[e] + static_cast<T>(gen_.gumbel())) * inv_t : z[e] * inv_t;
-          zmax = std::max(zmax, soft[e]);
-        }
-        T sum = 0;
-        for (std::size_t e = 0; e < N; ++e) sum += (soft[e] = std::exp(soft[e] - zmax));
-        for (std::size_t e = 0; e < N; ++e) soft[e] /= sum;
-        for (std::size_t j = 0; j < k; ++j) {
-          std::size_t best = N;
-          for (std::size_t e = 0; e < N; ++e)
-            if (std::find(sel, sel + j, static_cast<std::int32_t>(e)) == sel + j &&
-                (best == N || soft[e] > soft[best]))
-              best = e;
-          sel[j] = static_cast<std::int32_t>(best);
-        }
+        std::span<T> soft{soft_host_.data() + b * N, N};
+        estimate::gumbel_softmax<T>({z, N}, inv_t, training_, gen_, soft);
+        estimate::top_k<T>(soft, {sel, k});
       } else {  // REINFORCE: e ~ p in training, argmax at inference
-        std::size_t e = 0;
-        if (training_) {
-          const double u = gen_.uniform();
-          double acc = 0;
-          for (e = 0; e + 1 < N; ++e)
-            if (u < (acc += static_cast<double>(w[e]))) break;
-        } else {
-          e = static_cast<std::size_t>(std::max_element(w, w + N) - w);
-        }
-        sel[0] = static_cast<std::int32_t>(e);
-        if (o.entropy_bonus > 0.0) {
-          T h = 0;
-          for (std::size_t i = 0; i < N; ++i)
-            if (w[i] > T(0)) h -= w[i] * std::log(w[i]);
-          aux_ -= static_cast<T>(o.entropy_bonus) * h / static_cast<T>(B);
-        }
+        sel[0] = static_cast<std::int32_t>(estimate::sample_or_argmax<T>({w, N}, training_, gen_));
+        if (o.entropy_bonus > 0.0)
+          aux_ -= static_cast<T>(o.entropy_bonus) * estimate::entropy<T>({w, N}) / static_cast<T>(B);
       }
       for (std::size_t j = 0; j < k; ++j) onehot_host_[(j * B + b) * N + static_cast<std::size_t>(sel[j])] = T(1);
     }
@@ -585,18 +558,10 @@ class device_layer {
     coef_host_.assign(B * k, T(0));
     onehot_host_.assign(k * B * N, T(0));
     for (std::size_t b = 0; b < B; ++b) {
-      T* gates = gates_host_.data() + b * K;
       T* r = r_host_.data() + b * codes;
       T* w = weights_host_.data() + b * N;
-      for (std::size_t i = 0; i < K; ++i)
-        gates[i] = static_cast<T>(dselect::smooth_step(static_cast<double>(z_host_[b * K + i]), o.dselect_gamma));
-      dselect::code_weights<T>({gates, K}, {r, codes});
-      T used = 0, h = 0, unused = 0;
-      for (std::size_t e = 0; e < codes; ++e) {
-        if (r[e] > T(0)) h -= r[e] * std::log(r[e]);
-        (e < N ? used : unused) += r[e];
-      }
-      for (std::size_t e = 0; e < N; ++e) w[e] = used > T(0) ? r[e] / used : T(1) / static_cast<T>(N);
+      const auto picked = dselect::select<T>({z_host_.data() + b * K, K}, o.dselect_gamma,
+                                             {gates_host_.data() + b * K, K}, {r, codes}, {w, N});
       const auto best = static_cast<std::size_t>(std::max_element(w, w + N) - w);
       choices_host_[b] = static_cast<std::int32_t>(best);
       if (training_) {
@@ -608,7 +573,8 @@ class device_layer {
         onehot_host_[b * N + best] = T(1);
         coef_host_[b] = T(1);
       }
-      aux_ += (static_cast<T>(o.dselect_entropy) * h + static_cast<T>(o.dselect_unused_penalty) * unused) /
+      aux_ += (static_cast<T>(o.dselect_entropy) * picked.entropy +
+               static_cast<T>(o.dselect_unused_penalty) * picked.unused) /
               static_cast<T>(B);
     }
     ctx_->to_device(onehot_.data(), static_cast<const T*>(onehot_host_.data()), k * B * N, op);
@@ -658,17 +624,10 @@ class device_layer {
         std::fill(dr.begin(), dr.end(), T(0));
         for (std::size_t e = 0; e < N; ++e)
           if (r[e] > T(0)) dr[e] = dcoef_host_[b * k + e];
-        for (std::size_t e = 0; e < codes; ++e) {
-          if (!(r[e] > T(0))) continue;
-          dr[e] += static_cast<T>(o.dselect_entropy) * (-std::log(r[e]) - T(1)) * inv_b;
-          if (e >= N) dr[e] += static_cast<T>(o.dselect_unused_penalty) * inv_b;
-        }
-        std::array<T, 64> dg{};
-        dselect::code_weights_backward<T>({gates_host_.data() + b * K, K}, dr, {dg.data(), K});
-        for (std::size_t i = 0; i < K; ++i)
-          dw_host_[b * K + i] =
-              dg[i] * static_cast<T>(dselect::smooth_step_derivative(static_cast<double>(z_host_[b * K + i]),
-                                                                    o.dselect_gamma));
+        dselect::select_backward<T>({z_host_.data() + b * K, K}, o.dselect_gamma, {gates_host_.data() + b * K, K},
+                                    {r, codes}, N, static_cast<T>(o.dselect_entropy) * inv_b,
+                                    static_cast<T>(o.dselect_unused_penalty) * inv_b, dr,
+                                    {dw_host_.data() + b * K, K});
       }
       ctx_->to_device(dlogits_.data(), static_cast<const T*>(dw_host_.data()), B * K, op);
       backward_router(lens, B, L, dx, false, false);
@@ -680,9 +639,7 @@ class device_layer {
         T* d = dw_host_.data() + b * N;
         for (std::size_t j = 0; j < k; ++j)
           d[choices_host_[b * k + j]] = dcoef_host_[b * k + j] / static_cast<T>(k);
-        T dot = 0;
-        for (std::size_t e = 0; e < N; ++e) dot += d[e] * soft[e];
-        for (std::size_t e = 0; e < N; ++e) d[e] = soft[e] * (d[e] - dot) * inv_t;
+        estimate::softmax_backward<T>({soft, N}, {d, N}, inv_t);
       }
     } else {
       if (!was_training_) return;  // argmax routing: nothing to estimate
@@ -693,22 +650,10 @@ class device_layer {
       const matrix_ref<const T> feats{features_host_.data(), B, d};
       base_host_.resize(B);
       baseline_->predict(feats, losses, base_host_);
-      for (std::size_t b = 0; b < B; ++b) {
-        const auto e = static_cast<std::size_t>(choices_host_[b]);
-        const T adv = (losses[b] - base_host_[b]) * inv_b;
-        const T* p = routing_host_.data() + b * N;
-        T* dz = dw_host_.data() + b * N;
-        T hdot = 0;
-        for (std::size_t i = 0; i < N; ++i)
-          if (p[i] > T(0)) hdot += p[i] * (std::log(p[i]) + T(1));
-        for (std::size_t i = 0; i < N; ++i) {
-          dz[i] = adv * ((i == e ? T(1) : T(0)) - p[i]) * inv_t;
-          if (o.entropy_bonus > 0.0 && p[i] > T(0)) {
-            const T dh = -p[i] * (std::log(p[i]) + T(1) - hdot) * inv_t;
-            dz[i] -= static_cast<T>(o.entropy_bonus) * inv_b * dh;
-          }
-        }
-      }
+      for (std::size_t b = 0; b < B; ++b)
+        estimate::reinforce_gradient<T>({routing_host_.data() + b * N, N}, static_cast<std::size_t>(choices_host_[b]),
+                                        (losses[b] - base_host_[b]) * inv_b, static_cast<T>(o.entropy_bonus) * inv_b,
+                                        inv_t, {dw_host_.data() + b * N, N});
       baseline_->update(feats, losses, base_host_);
     }
     ctx_->to_device(dlogits_.data(), static_cast<const T*>(dw_host_.data()), B * N, op);

@@ -1,0 +1,100 @@
+// The agreement cases both CUDA test programs run: the host build (the cuda algorithm on a CPU)
+// and the GPU build. Include after defining `check<Expert, N>(proto, agreement_case, seed,
+// options)` and SMEAR_AGREEMENT_SUBJECT (the tested layer's name in the test cases' names).
+
+TEST_CASE(SMEAR_AGREEMENT_SUBJECT " equals the reference layer: adapter") {
+  using E = adapter<float>;
+  SUBCASE("odd sizes, ragged") { check<E, 3>(E{13, 5}, {.B = 5, .L = 7}, 31); }
+  SUBCASE("B = 1, L = 1") { check<E, 8>(E{17, 3}, {.B = 1, .L = 1}, 32); }
+  SUBCASE("full batch without lengths") { check<E, 4>(E{10, 3}, {.B = 3, .L = 4, .full = true}, 33); }
+  SUBCASE("gelu, up bias, plain mean over padding") {
+    check<E, 4>(E{24, 6, {.act = activation::gelu, .up_bias = true}}, {.B = 6, .L = 9}, 34,
+                {.router = {.pool = pooling::mean}});
+  }
+  SUBCASE("relu and identity") {
+    check<E, 2>(E{8, 3, {.act = activation::relu}}, {}, 35);
+    check<E, 2>(E{8, 3, {.act = activation::identity}}, {}, 36);
+  }
+  SUBCASE("no LayerNorm, temperature 0.5") {
+    check<E, 5>(E{11, 4}, {.B = 4, .L = 6}, 37, {.router = {.layer_norm = false, .temperature = 0.5}});
+  }
+  SUBCASE("detached router input") { check<E, 3>(E{7, 2}, {}, 38, {.router = {.detach_input = true}}); }
+  SUBCASE("expert dropout, including rows with every expert dropped") {
+    check<E, 6>(E{12, 4}, {.B = 8, .L = 4}, 39, {.router = {.expert_dropout = 0.3}});
+    check<E, 2>(E{6, 2}, {.B = 16, .L = 3}, 40, {.router = {.expert_dropout = 0.9}});
+  }
+  SUBCASE("evaluation mode turns dropout off") {
+    check<E, 4>(E{9, 3}, {.train = false}, 41, {.router = {.expert_dropout = 0.5}});
+  }
+  SUBCASE("residual turned off") { check<E, 3>(E{9, 3}, {}, 42, {.residual = false}); }
+  SUBCASE("T5-base sized block") { check<E, 8>(E{768, 24}, {.B = 4, .L = 33}, 43); }
+}
+
+TEST_CASE(SMEAR_AGREEMENT_SUBJECT " equals the reference layer: lora, linear, double") {
+  rng gen{50};
+  SUBCASE("lora over a frozen map with bias") {
+    lora<float> e{10, 6, 2, random_vector<float>(60, gen), random_vector<float>(6, gen), {.alpha = 4}};
+    check<lora<float>, 3>(e, {.B = 4, .L = 5}, 51);
+  }
+  SUBCASE("lora without a frozen map") { check<lora<float>, 3>(lora<float>{7, 7, 3}, {}, 52); }
+  SUBCASE("linear with and without bias") {
+    check<linear<float>, 2>(linear<float>{7, 9}, {.B = 3, .L = 4}, 53);
+    check<linear<float>, 4>(linear<float>{5, 3, {.bias = false}}, {.B = 2, .L = 6}, 54);
+  }
+  SUBCASE("double") {
+    check<adapter<double>, 4>(adapter<double>{11, 6, {.up_bias = true}}, {.B = 3, .L = 5}, 55);
+    check<lora<double>, 2>(lora<double>{6, 4, 2, random_vector<double>(24, gen)}, {}, 56);
+  }
+}
+
+TEST_CASE(SMEAR_AGREEMENT_SUBJECT " equals the reference layer: ensemble, top-k, tag, hash, adamix, latent skills") {
+  using E = adapter<float>;
+  SUBCASE("tag") { check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .tags = true}, 61, {.routing = {.strategy = strategy::tag}}); }
+  SUBCASE("hash of token ids") {
+    check<E, 3>(E{9, 3}, {.B = 6, .L = 4, .token_ids = true}, 62,
+                {.routing = {.strategy = strategy::hash, .hash_seed = 5}});
+  }
+  SUBCASE("hash of example ids") {
+    check<E, 5>(E{9, 3}, {.B = 7, .L = 3}, 63, {.routing = {.strategy = strategy::hash}});
+  }
+  SUBCASE("adamix: a random expert per parameter group in training, the average at inference") {
+    check<E, 4>(E{9, 3, {.up_bias = true}}, {.B = 6, .L = 4}, 64, {.routing = {.strategy = strategy::adamix}});
+    check<E, 3>(E{9, 3}, {.B = 5, .L = 3, .train = false}, 65, {.routing = {.strategy = strategy::adamix}});
+  }
+  SUBCASE("ensemble: every expert's output weighted by p, with expert dropout and at inference") {
+    check<E, 3>(E{9, 3, {.up_bias = true}}, {.B = 5, .L = 4}, 68,
+                {.router = {.expert_dropout = 0.3}, .routing = {.strategy = strategy::ensemble}});
+    check<E, 4>(E{7, 2}, {.B = 3, .L = 5, .train = false}, 69, {.routing = {.strategy = strategy::ensemble}});
+    check<lora<float>, 3>(lora<float>{6, 5, 2, std::vector<float>(30, 0.1f)}, {.B = 3, .L = 4}, 70,
+                          {.routing = {.strategy = strategy::ensemble}});
+    check<linear<float>, 2>(linear<float>{4, 6}, {.B = 2, .L = 3}, 71, {.routing = {.strategy = strategy::ensemble}});
+  }
+  SUBCASE("top-k: ST-Gumbel (k = 1 and 2), REINFORCE with both baselines, at inference too") {
+    using strategy_t = smear::strategy;
+    check<E, 4>(E{9, 3}, {.B = 6, .L = 4}, 72, {.routing = {.strategy = strategy_t::top_k}});
+    check<E, 5>(E{8, 2, {.up_bias = true}}, {.B = 4, .L = 3}, 73, {.routing = {.strategy = strategy_t::top_k, .k = 2}});
+    check<E, 3>(E{8, 2}, {.B = 4, .L = 3, .train = false}, 74, {.routing = {.strategy = strategy_t::top_k, .k = 2}});
+    check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .losses = true}, 75,
+                {.routing = {.strategy = strategy_t::top_k, .estimator = estimator::reinforce, .entropy_bonus = 0.1}});
+    check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .losses = true}, 76,
+                {.routing = {.strategy = strategy_t::top_k, .estimator = estimator::reinforce,
+                             .baseline = baseline::learned}});
+    check<E, 3>(E{9, 3}, {.B = 5, .L = 4, .train = false}, 77,
+                {.routing = {.strategy = strategy_t::top_k, .estimator = estimator::reinforce}});
+  }
+  SUBCASE("top-k with DSelect-k: N a power of two and not, entropy and unused-code terms, inference") {
+    using strategy_t = smear::strategy;
+    check<E, 4>(E{9, 3}, {.B = 5, .L = 4}, 78,
+                {.routing = {.strategy = strategy_t::top_k, .estimator = estimator::dselect}});
+    check<E, 5>(E{8, 2}, {.B = 6, .L = 3}, 79,
+                {.routing = {.strategy = strategy_t::top_k, .estimator = estimator::dselect,
+                             .dselect_entropy = 0.1, .dselect_unused_penalty = 0.5}});
+    check<E, 3>(E{8, 2}, {.B = 4, .L = 3, .train = false}, 80,
+                {.routing = {.strategy = strategy_t::top_k, .estimator = estimator::dselect}});
+  }
+  SUBCASE("latent skills, training and inference") {
+    const layer_options o{.routing = {.strategy = strategy::latent_skills, .tasks = 3}};
+    check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .tags = true}, 66, o);
+    check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .train = false, .tags = true}, 67, o);
+  }
+}
