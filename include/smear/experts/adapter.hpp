@@ -83,10 +83,11 @@ class adapter {
     auto dp = [&](std::size_t offset, std::size_t r, std::size_t c) {
       return matrix_ref<T>{dparams.data() + offset, r, c};
     };
-    // up-projection: dW_u = Hᵀ·dY, db_u = Σ dY, dH = dY·W_uᵀ
+    // up-projection: dH = dY·W_uᵀ (first: it reads dY row by row, into cache for the next),
+    // dW_u = Hᵀ·dY, db_u = Σ dY
+    backend::gemm<T>(be, false, true, T(1), dy, w_up(params), T(0), dh);
     backend::gemm<T>(be, true, false, T(1), act, dy, T(0), dp(up_offset(), m_, d_));
     if (opt_.up_bias) backend::column_sums<T>(be, dy, dparams.subspan(up_offset() + m_ * d_, d_));
-    backend::gemm<T>(be, false, true, T(1), dy, w_up(params), T(0), dh);
     // activation: dA = dH ⊙ act'(A)
     backend::activation_backward<T>(be, opt_.act, pre, dh);
     // down-projection: dW_d = Xᵀ·dA, db_d = Σ dA, dX = dA·W_dᵀ

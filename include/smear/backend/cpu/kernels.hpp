@@ -17,6 +17,7 @@
 #include <omp.h>
 #endif
 
+#include "smear/backend/cpu/direct_gemm.hpp"
 #include "smear/backend/reference/kernels.hpp"
 
 namespace smear::backend {
@@ -137,19 +138,50 @@ void gemm_blocked(T alpha, const T* a, std::size_t lda, const T* b, std::size_t 
                                                          static_cast<Index>(c.stride), alpha, blocking, nullptr);
 }
 
+/// The direct kernel (direct_gemm.hpp) takes op(A)·B up to this depth, and a shallower A·Bᵀ
+/// when Bᵀ takes at most this many bytes; the rest go to Eigen's packed kernel.
+inline constexpr std::size_t direct_depth = 1024;
+inline constexpr std::size_t direct_transpose_bytes = std::size_t{512} << 10;
+/// A·Bᵀ at least this deep runs as dot products (direct::gemm_nt).
+inline constexpr std::size_t direct_dot_depth = 256;
+
 /// C = alpha · op(A) · op(B) + beta · C on this thread (the gemm contract below).
 template <class T>
 void gemm_serial(bool trans_a, bool trans_b, T alpha, matrix_ref<const T> a, matrix_ref<const T> b, T beta,
                  matrix_ref<T> c) {
   if (c.rows == 0 || c.cols == 0) return;
   const std::size_t depth = trans_a ? a.rows : a.cols;
+  const bool vector_like = c.rows == 1 || c.cols == 1 || c.rows + c.cols + depth < 20;
+  // The direct kernels, which neither pack the operands nor zero-fill C first: op(A)·B with B
+  // read in place; A·Bᵀ through a transposed copy of a small B; a deeper A·Bᵀ as dot products.
+  const bool small_bt = depth * c.cols * sizeof(T) <= direct_transpose_bytes;
+  if (!vector_like && depth > 0 && depth <= direct_depth && !(trans_a && trans_b) && (!trans_b || small_bt)) {
+    const T* bp = b.data;
+    std::size_t ldb = b.stride;
+    if (trans_b) {
+      auto& buffer = direct::transpose_buffer<T>();
+      if (buffer.size() < depth * c.cols) buffer.resize(depth * c.cols);
+      direct::transpose(b.data, c.cols, depth, b.stride, buffer.data());
+      bp = buffer.data();
+      ldb = c.cols;
+    }
+    if (trans_a)
+      direct::gemm<T, true>(c.rows, c.cols, depth, a.data, a.stride, bp, ldb, c.data, c.stride, alpha, beta);
+    else
+      direct::gemm<T, false>(c.rows, c.cols, depth, a.data, a.stride, bp, ldb, c.data, c.stride, alpha, beta);
+    return;
+  }
+  if (!vector_like && depth >= direct_dot_depth && trans_b && !trans_a) {
+    direct::gemm_nt<T>(c.rows, c.cols, depth, a.data, a.stride, b.data, b.stride, c.data, c.stride, alpha, beta);
+    return;
+  }
   auto cm = eigen(c);
   if (beta == T(0)) cm.setZero();
   else if (beta != T(1)) cm *= beta;
   if (depth == 0) return;
   // Matrix-vector and tiny products: Eigen's own GEMV or small-product paths, called on the
   // plain maps (an `alpha * A` expression would make Eigen copy a row into a heap temporary).
-  if (c.rows == 1 || c.cols == 1 || c.rows + c.cols + depth < 20) {
+  if (vector_like) {
     const auto am = eigen(a);
     const auto bm = eigen(b);
     auto run = [&](const auto& x, const auto& y) {

@@ -34,7 +34,7 @@ void bias_activate(reference, activation act, matrix_ref<T> pre, std::span<const
   for (std::size_t i = 0; i < pre.rows; ++i)
     for (std::size_t j = 0; j < pre.cols; ++j) {
       if (!bias.empty()) pre(i, j) += bias[j];
-      out(i, j) = detail::activate(act, pre(i, j));
+      out(i, j) = smear::detail::activate(act, pre(i, j));
     }
 }
 
@@ -50,7 +50,7 @@ template <class T>
 void activation_backward(reference, activation act, matrix_ref<const T> pre, matrix_ref<T> grad) {
   for (std::size_t i = 0; i < grad.rows; ++i)
     for (std::size_t j = 0; j < grad.cols; ++j)
-      grad(i, j) *= detail::activate_derivative(act, pre(i, j));
+      grad(i, j) *= smear::detail::activate_derivative(act, pre(i, j));
 }
 
 /// out = Σ_i a.row(i) (column sums), overwriting `out`.

@@ -1,0 +1,260 @@
+#pragma once
+/// \file backend/cpu/direct_gemm.hpp
+/// A GEMM that reads its operands where they are, without packing them: register tiles of
+/// R rows × C SIMD batches of C, the depth loop broadcasting one value of op(A) and loading
+/// C batches of a row of B per step, and C written once at the end (no zero-fill first).
+///
+/// It is for the shapes SMEAR runs: the per-example products of an expert (128 × 768 × 64 and
+/// its transposes), where packing both operands costs as much as a third of Eigen's time, and
+/// the merge and bank products of depth N or B over very long rows. Columns are blocked so the
+/// part of B a block reads stays in L2; rows are the inner loop, so B is read from memory once.
+
+#include <algorithm>
+#include <cstddef>
+#include <vector>
+
+#include <Eigen/Core>
+#include <xsimd/xsimd.hpp>
+
+/// Full unrolling of the register-tile loops, which GCC does not do by itself at -O2.
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && !defined(__NVCOMPILER)
+#define SMEAR_UNROLL _Pragma("GCC unroll 16")
+#elif defined(__clang__)
+#define SMEAR_UNROLL _Pragma("unroll")
+#else
+#define SMEAR_UNROLL
+#endif
+#if defined(__GNUC__)
+#define SMEAR_PREFETCH(address) __builtin_prefetch(address)
+#else
+#define SMEAR_PREFETCH(address)
+#endif
+
+namespace smear::backend::detail::direct {
+
+template <class T>
+using batch = xsimd::batch<T>;
+template <class T>
+inline constexpr std::size_t lanes = batch<T>::size;
+
+/// Register tile: R rows × C batches of accumulators, sized to the architecture's registers
+/// (32 vector registers with AVX-512, 16 assumed otherwise), leaving room for the C loaded
+/// batches of B and one broadcast.
+template <class T>
+struct tile_shape {
+  static constexpr bool wide = sizeof(batch<T>) >= 64;
+  static constexpr std::size_t rows = wide ? 6 : 4;
+  static constexpr std::size_t batches = wide ? 4 : 2;
+};
+
+/// C[R × C·w] = alpha · op(A)[R × depth] · B[depth × C·w] + beta · C. op(A)(i, k) is a[i·lda + k],
+/// or a[k·lda + i] when TransA. beta = 0 does not read C.
+template <class T, std::size_t R, std::size_t C, bool TransA>
+inline void micro_tile(std::size_t depth, const T* a, std::size_t lda, const T* b, std::size_t ldb, T* c,
+                       std::size_t ldc, T alpha, T beta) {
+  constexpr std::size_t w = lanes<T>;
+  batch<T> acc[R][C];
+  SMEAR_UNROLL
+  for (std::size_t r = 0; r < R; ++r)
+    SMEAR_UNROLL
+    for (std::size_t j = 0; j < C; ++j) acc[r][j] = batch<T>(T(0));
+  for (std::size_t k = 0; k < depth; ++k) {
+    const T* bk = b + k * ldb;
+    batch<T> bv[C];
+    SMEAR_UNROLL
+    for (std::size_t j = 0; j < C; ++j) {
+      bv[j] = batch<T>::load_unaligned(bk + j * w);
+      SMEAR_PREFETCH(bk + (C + j) * w);  // the next tile's columns
+    }
+    if constexpr (TransA) SMEAR_PREFETCH(a + k * lda + 16);  // the next rows' values of op(A)
+    SMEAR_UNROLL
+    for (std::size_t r = 0; r < R; ++r) {
+      const batch<T> av(TransA ? a[k * lda + r] : a[r * lda + k]);
+      SMEAR_UNROLL
+      for (std::size_t j = 0; j < C; ++j) acc[r][j] = xsimd::fma(av, bv[j], acc[r][j]);
+    }
+  }
+  const batch<T> va(alpha), vb(beta);
+  SMEAR_UNROLL
+  for (std::size_t r = 0; r < R; ++r)
+    SMEAR_UNROLL
+    for (std::size_t j = 0; j < C; ++j) {
+      T* p = c + r * ldc + j * w;
+      batch<T> v = va * acc[r][j];
+      if (beta != T(0)) v = xsimd::fma(vb, batch<T>::load_unaligned(p), v);
+      v.store_unaligned(p);
+    }
+}
+
+/// The columns past the last whole batch, one scalar at a time.
+template <class T, bool TransA>
+inline void scalar_tile(std::size_t rows, std::size_t cols, std::size_t depth, const T* a, std::size_t lda,
+                        const T* b, std::size_t ldb, T* c, std::size_t ldc, T alpha, T beta) {
+  for (std::size_t r = 0; r < rows; ++r)
+    for (std::size_t j = 0; j < cols; ++j) {
+      T s = T(0);
+      for (std::size_t k = 0; k < depth; ++k) s += (TransA ? a[k * lda + r] : a[r * lda + k]) * b[k * ldb + j];
+      T& out = c[r * ldc + j];
+      out = beta == T(0) ? alpha * s : alpha * s + beta * out;
+    }
+}
+
+/// R rows of C (R known at compile time) over the columns [0, cols).
+template <class T, std::size_t R, bool TransA>
+inline void row_panel(std::size_t cols, std::size_t depth, const T* a, std::size_t lda, const T* b, std::size_t ldb,
+                      T* c, std::size_t ldc, T alpha, T beta) {
+  constexpr std::size_t w = lanes<T>, C = tile_shape<T>::batches;
+  std::size_t j = 0;
+  for (; j + C * w <= cols; j += C * w) micro_tile<T, R, C, TransA>(depth, a, lda, b + j, ldb, c + j, ldc, alpha, beta);
+  for (; j + w <= cols; j += w) micro_tile<T, R, 1, TransA>(depth, a, lda, b + j, ldb, c + j, ldc, alpha, beta);
+  if (j < cols) scalar_tile<T, TransA>(R, cols - j, depth, a, lda, b + j, ldb, c + j, ldc, alpha, beta);
+}
+
+/// The last rows - fewer than a whole tile - with R chosen at compile time.
+template <class T, bool TransA, std::size_t R = tile_shape<T>::rows - 1>
+inline void row_remainder(std::size_t rows, std::size_t cols, std::size_t depth, const T* a, std::size_t lda,
+                          const T* b, std::size_t ldb, T* c, std::size_t ldc, T alpha, T beta) {
+  if constexpr (R > 0) {
+    if (rows == R) return row_panel<T, R, TransA>(cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
+    row_remainder<T, TransA, R - 1>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
+  }
+}
+
+/// Bytes of B one column block may span: it is read once from memory, then from L2 for
+/// every tile of rows.
+inline constexpr std::size_t block_bytes = std::size_t{256} << 10;
+
+/// C = alpha · op(A) · B + beta · C, all row-major; op(A) is rows × depth.
+template <class T, bool TransA>
+void gemm(std::size_t rows, std::size_t cols, std::size_t depth, const T* a, std::size_t lda, const T* b,
+          std::size_t ldb, T* c, std::size_t ldc, T alpha, T beta) {
+  constexpr std::size_t R = tile_shape<T>::rows, unit = tile_shape<T>::batches * lanes<T>;
+  const std::size_t width = std::max(unit, block_bytes / (sizeof(T) * std::max<std::size_t>(depth, 1)) / unit * unit);
+  for (std::size_t j0 = 0; j0 < cols; j0 += width) {
+    const std::size_t n = std::min(width, cols - j0);
+    std::size_t i = 0;
+    for (; i + R <= rows; i += R) {
+      const T* ai = TransA ? a + i : a + i * lda;
+      row_panel<T, R, TransA>(n, depth, ai, lda, b + j0, ldb, c + i * ldc + j0, ldc, alpha, beta);
+    }
+    if (i < rows)
+      row_remainder<T, TransA>(rows - i, n, depth, TransA ? a + i : a + i * lda, lda, b + j0, ldb, c + i * ldc + j0,
+                               ldc, alpha, beta);
+  }
+}
+
+/// A·Bᵀ as dot products along the rows of both, for a deep product: tiles of R rows of A ×
+/// C rows of B, one accumulator batch each, summed across its lanes at the end (little next
+/// to the depth).
+template <class T>
+struct dot_shape {
+  static constexpr std::size_t rows = tile_shape<T>::wide ? 4 : 2;
+  static constexpr std::size_t cols = 4;
+};
+
+/// C[rows × cols] at (i, j) = alpha · A[i]·B[j] + beta · C for `rows` rows of A and `cols` rows
+/// of B (at most the tile), over depth values.
+template <class T, std::size_t R, std::size_t C>
+inline void dot_tile(std::size_t depth, const T* a, std::size_t lda, const T* b, std::size_t ldb, T* c,
+                     std::size_t ldc, T alpha, T beta) {
+  constexpr std::size_t w = lanes<T>;
+  batch<T> acc[R * C];
+  SMEAR_UNROLL
+  for (std::size_t l = 0; l < R * C; ++l) acc[l] = batch<T>(T(0));
+  std::size_t k = 0;
+  for (; k + w <= depth; k += w) {
+    batch<T> av[R], bv[C];
+    SMEAR_UNROLL
+    for (std::size_t r = 0; r < R; ++r) av[r] = batch<T>::load_unaligned(a + r * lda + k);
+    SMEAR_UNROLL
+    for (std::size_t j = 0; j < C; ++j) bv[j] = batch<T>::load_unaligned(b + j * ldb + k);
+    SMEAR_UNROLL
+    for (std::size_t r = 0; r < R; ++r)
+      SMEAR_UNROLL
+      for (std::size_t j = 0; j < C; ++j) acc[r * C + j] = xsimd::fma(av[r], bv[j], acc[r * C + j]);
+  }
+  for (std::size_t r = 0; r < R; ++r)
+    for (std::size_t j = 0; j < C; ++j) {
+      alignas(64) T part[w];
+      acc[r * C + j].store_aligned(part);
+      T s = T(0);
+      for (std::size_t l = 0; l < w; ++l) s += part[l];
+      for (std::size_t kk = k; kk < depth; ++kk) s += a[r * lda + kk] * b[j * ldb + kk];
+      T& out = c[r * ldc + j];
+      out = beta == T(0) ? alpha * s : alpha * s + beta * out;
+    }
+}
+
+/// C = alpha · A · Bᵀ + beta · C, row-major A [rows × depth], B [cols × depth], C [rows × cols].
+/// The depth is split into chunks whose rows of B stay in L2.
+template <class T>
+void gemm_nt(std::size_t rows, std::size_t cols, std::size_t depth, const T* a, std::size_t lda, const T* b,
+             std::size_t ldb, T* c, std::size_t ldc, T alpha, T beta) {
+  constexpr std::size_t R = dot_shape<T>::rows, C = dot_shape<T>::cols, w = lanes<T>;
+  const std::size_t chunk = std::max<std::size_t>(256, block_bytes / (sizeof(T) * cols) / w * w);
+  for (std::size_t k0 = 0; k0 < depth; k0 += chunk) {
+    const std::size_t kc = std::min(chunk, depth - k0);
+    const T beta_k = k0 == 0 ? beta : T(1);
+    for (std::size_t i = 0; i < rows; i += R) {
+      const std::size_t nr = std::min(R, rows - i);
+      for (std::size_t j = 0; j < cols; j += C) {
+        const std::size_t nc = std::min(C, cols - j);
+        const T* ai = a + i * lda + k0;
+        const T* bj = b + j * ldb + k0;
+        T* cij = c + i * ldc + j;
+        if (nr == R && nc == C)
+          dot_tile<T, R, C>(kc, ai, lda, bj, ldb, cij, ldc, alpha, beta_k);
+        else  // an edge tile, one dot product at a time
+          for (std::size_t r = 0; r < nr; ++r)
+            for (std::size_t q = 0; q < nc; ++q)
+              dot_tile<T, 1, 1>(kc, ai + r * lda, lda, bj + q * ldb, ldb, cij + r * ldc + q, ldc, alpha, beta_k);
+      }
+    }
+  }
+}
+
+/// dst[cols × rows] = srcᵀ for a row-major src[rows × cols] (dst's stride is rows): square
+/// blocks of one SIMD packet per row, transposed in registers by Eigen's ptranspose.
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // Eigen's packet types as template arguments
+#if !defined(__clang__)
+// GCC 12 warns about _mm512_undefined_ps() inside its own AVX-512 shuffles (GCC bug 105593)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+#endif
+template <class T>
+void transpose(const T* src, std::size_t rows, std::size_t cols, std::size_t lds, T* dst) {
+  namespace ei = Eigen::internal;
+  using packet = typename ei::packet_traits<T>::type;
+  constexpr std::size_t w = ei::unpacket_traits<packet>::size;
+  std::size_t i0 = 0;
+  if constexpr (w > 1) {
+    for (; i0 + w <= rows; i0 += w) {
+      std::size_t j0 = 0;
+      for (; j0 + w <= cols; j0 += w) {
+        ei::PacketBlock<packet, static_cast<int>(w)> block;
+        for (std::size_t r = 0; r < w; ++r) block.packet[r] = ei::ploadu<packet>(src + (i0 + r) * lds + j0);
+        ei::ptranspose(block);
+        for (std::size_t r = 0; r < w; ++r) ei::pstoreu(dst + (j0 + r) * rows + i0, block.packet[r]);
+      }
+      for (; j0 < cols; ++j0)
+        for (std::size_t r = 0; r < w; ++r) dst[j0 * rows + i0 + r] = src[(i0 + r) * lds + j0];
+    }
+  }
+  for (; i0 < rows; ++i0)
+    for (std::size_t j = 0; j < cols; ++j) dst[j * rows + i0] = src[i0 * lds + j];
+}
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+
+/// Per-thread room for a transposed B.
+template <class T>
+std::vector<T>& transpose_buffer() {
+  thread_local std::vector<T> buffer;
+  return buffer;
+}
+
+}  // namespace smear::backend::detail::direct
