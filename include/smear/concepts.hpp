@@ -93,6 +93,18 @@ inline constexpr bool is_residual_expert = [] {
     return false;
 }();
 
+/// True when the expert's backward may write ∂ℓ/∂params over params itself (the expert
+/// declares `static constexpr bool backward_in_place = true`): it reads each parameter for
+/// the last time before it writes that parameter's gradient. The layer then writes a merged
+/// expert's gradient where its merged parameters were, without a copy.
+template <class E>
+inline constexpr bool is_in_place_expert = [] {
+  if constexpr (requires { E::backward_in_place; })
+    return static_cast<bool>(E::backward_in_place);
+  else
+    return false;
+}();
+
 namespace detail {
 
 /// Checks mergeable_expert one requirement at a time, so the compiler's first error is a

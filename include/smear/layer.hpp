@@ -437,7 +437,7 @@ class layer {
     scratch_stride_ = bank_.expert().scratch_size(L);
     grow(merged_, B * P);
     grow(saved_, B * k * saved_stride_);
-    grow(dparams_, threads * P);
+    if (path_ != path::merge || !is_in_place_expert<Expert>) grow(dparams_, threads * P);  // else G_b goes in place
     grow(scratch_, threads * scratch_stride_);
     grow(dprobs_, B * std::max(N, router_.outputs()));
     grow(weights_, B * N);
@@ -706,14 +706,17 @@ class layer {
       matrix_ref<const T> xb = x.example(b).middle_rows(0, rows);
       matrix_ref<const T> dyb{dy.data() + b * x.length * dout, rows, dout};
       matrix_ref<T> dxb = dx.example(b).middle_rows(0, rows);
-      std::span<T> g{dparams_.data() + thread * P, P};
+      // θ̄_b is no longer needed after this: its row of merged() gets G_b = ∂ℓ/∂θ̄_b, written
+      // there directly when θ̄_b is that row and the expert can write over its parameters
+      const std::span<T> row = merged().row(b);
+      const bool in_place = is_in_place_expert<Expert> && theta_[b] == row.data();
+      std::span<T> g = in_place ? row : std::span<T>{dparams_.data() + thread * P, P};
       ex.backward(be, std::span<const T>(theta_[b], P), xb, std::span<const T>(saved(b, rows)), dyb,
                   dxb, g, scratch(thread, rows));
       if (residual_)
         backend::axpy<T>(be, T(1), std::span<const T>(dyb.data, rows * dout), {dxb.data, rows * din});
       std::fill(dxb.data + rows * din, dx.data + (b + 1) * x.length * din, T(0));
-      // θ̄_b is no longer needed: its row now holds G_b = ∂ℓ/∂θ̄_b
-      std::copy(g.begin(), g.end(), merged().row(b).begin());
+      if (!in_place) std::copy(g.begin(), g.end(), row.begin());
     });
   }
 

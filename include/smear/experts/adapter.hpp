@@ -34,6 +34,7 @@ class adapter {
  public:
   using value_type = T;
   static constexpr bool residual = true;
+  static constexpr bool backward_in_place = true;  // dparams may be params (see backward)
 
   /// Throws value_error when `dim` or `bottleneck` is zero.
   adapter(std::size_t dim, std::size_t bottleneck, adapter_options options = {})
@@ -83,17 +84,18 @@ class adapter {
     auto dp = [&](std::size_t offset, std::size_t r, std::size_t c) {
       return matrix_ref<T>{dparams.data() + offset, r, c};
     };
-    // up-projection: dH = dY·W_uᵀ (first: it reads dY row by row, into cache for the next),
-    // dW_u = Hᵀ·dY, db_u = Σ dY
+    // Each weight is read for the last time before its gradient is written, so dparams may be
+    // params (backward_in_place). up-projection: dH = dY·W_uᵀ (first: it reads dY row by row,
+    // into cache for the next), dW_u = Hᵀ·dY, db_u = Σ dY
     backend::gemm<T>(be, false, true, T(1), dy, w_up(params), T(0), dh);
     backend::gemm<T>(be, true, false, T(1), act, dy, T(0), dp(up_offset(), m_, d_));
     if (opt_.up_bias) backend::column_sums<T>(be, dy, dparams.subspan(up_offset() + m_ * d_, d_));
     // activation: dA = dH ⊙ act'(A)
     backend::activation_backward<T>(be, opt_.act, pre, dh);
-    // down-projection: dW_d = Xᵀ·dA, db_d = Σ dA, dX = dA·W_dᵀ
+    // down-projection: dX = dA·W_dᵀ, dW_d = Xᵀ·dA, db_d = Σ dA
+    backend::gemm<T>(be, false, true, T(1), matrix_ref<const T>(dh), w_down(params), T(0), dx);
     backend::gemm<T>(be, true, false, T(1), x, matrix_ref<const T>(dh), T(0), dp(0, d_, m_));
     backend::column_sums<T>(be, matrix_ref<const T>(dh), dparams.subspan(d_ * m_, m_));
-    backend::gemm<T>(be, false, true, T(1), matrix_ref<const T>(dh), w_down(params), T(0), dx);
   }
 
  private:

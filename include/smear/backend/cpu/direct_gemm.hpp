@@ -37,14 +37,11 @@ using batch = xsimd::batch<T>;
 template <class T>
 inline constexpr std::size_t lanes = batch<T>::size;
 
-/// Register tile: R rows × C batches of accumulators, sized to the architecture's registers
-/// (32 vector registers with AVX-512, 16 assumed otherwise), leaving room for the C loaded
-/// batches of B and one broadcast.
+/// Register tiles are sized to the architecture's vector registers: 32 with AVX-512, 16
+/// assumed otherwise (R × C accumulators, C loaded batches of B and one broadcast).
 template <class T>
 struct tile_shape {
   static constexpr bool wide = sizeof(batch<T>) >= 64;
-  static constexpr std::size_t rows = wide ? 6 : 4;
-  static constexpr std::size_t batches = wide ? 4 : 2;
 };
 
 /// C[R × C·w] = alpha · op(A)[R × depth] · B[depth × C·w] + beta · C. op(A)(i, k) is a[i·lda + k],
@@ -99,24 +96,24 @@ inline void scalar_tile(std::size_t rows, std::size_t cols, std::size_t depth, c
     }
 }
 
-/// R rows of C (R known at compile time) over the columns [0, cols).
-template <class T, std::size_t R, bool TransA>
+/// R rows of C (R known at compile time) over the columns [0, cols), C batches at a time.
+template <class T, std::size_t R, std::size_t C, bool TransA>
 inline void row_panel(std::size_t cols, std::size_t depth, const T* a, std::size_t lda, const T* b, std::size_t ldb,
                       T* c, std::size_t ldc, T alpha, T beta) {
-  constexpr std::size_t w = lanes<T>, C = tile_shape<T>::batches;
+  constexpr std::size_t w = lanes<T>;
   std::size_t j = 0;
   for (; j + C * w <= cols; j += C * w) micro_tile<T, R, C, TransA>(depth, a, lda, b + j, ldb, c + j, ldc, alpha, beta);
   for (; j + w <= cols; j += w) micro_tile<T, R, 1, TransA>(depth, a, lda, b + j, ldb, c + j, ldc, alpha, beta);
   if (j < cols) scalar_tile<T, TransA>(R, cols - j, depth, a, lda, b + j, ldb, c + j, ldc, alpha, beta);
 }
 
-/// The last rows - fewer than a whole tile - with R chosen at compile time.
-template <class T, bool TransA, std::size_t R = tile_shape<T>::rows - 1>
+/// The last rows - fewer than a whole tile of R - with their count chosen at compile time.
+template <class T, std::size_t R, std::size_t C, bool TransA>
 inline void row_remainder(std::size_t rows, std::size_t cols, std::size_t depth, const T* a, std::size_t lda,
                           const T* b, std::size_t ldb, T* c, std::size_t ldc, T alpha, T beta) {
-  if constexpr (R > 0) {
-    if (rows == R) return row_panel<T, R, TransA>(cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
-    row_remainder<T, TransA, R - 1>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
+  if constexpr (R > 1) {
+    if (rows == R - 1) return row_panel<T, R - 1, C, TransA>(cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
+    row_remainder<T, R - 1, C, TransA>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
   }
 }
 
@@ -124,22 +121,37 @@ inline void row_remainder(std::size_t rows, std::size_t cols, std::size_t depth,
 /// every tile of rows.
 inline constexpr std::size_t block_bytes = std::size_t{256} << 10;
 
-/// C = alpha · op(A) · B + beta · C, all row-major; op(A) is rows × depth.
-template <class T, bool TransA>
-void gemm(std::size_t rows, std::size_t cols, std::size_t depth, const T* a, std::size_t lda, const T* b,
-          std::size_t ldb, T* c, std::size_t ldc, T alpha, T beta) {
-  constexpr std::size_t R = tile_shape<T>::rows, unit = tile_shape<T>::batches * lanes<T>;
+/// C = alpha · op(A) · B + beta · C with R × C register tiles.
+template <class T, std::size_t R, std::size_t C, bool TransA>
+void gemm_tiled(std::size_t rows, std::size_t cols, std::size_t depth, const T* a, std::size_t lda, const T* b,
+                std::size_t ldb, T* c, std::size_t ldc, T alpha, T beta) {
+  constexpr std::size_t unit = C * lanes<T>;
   const std::size_t width = std::max(unit, block_bytes / (sizeof(T) * std::max<std::size_t>(depth, 1)) / unit * unit);
   for (std::size_t j0 = 0; j0 < cols; j0 += width) {
     const std::size_t n = std::min(width, cols - j0);
     std::size_t i = 0;
     for (; i + R <= rows; i += R) {
       const T* ai = TransA ? a + i : a + i * lda;
-      row_panel<T, R, TransA>(n, depth, ai, lda, b + j0, ldb, c + i * ldc + j0, ldc, alpha, beta);
+      row_panel<T, R, C, TransA>(n, depth, ai, lda, b + j0, ldb, c + i * ldc + j0, ldc, alpha, beta);
     }
     if (i < rows)
-      row_remainder<T, TransA>(rows - i, n, depth, TransA ? a + i : a + i * lda, lda, b + j0, ldb, c + i * ldc + j0,
-                               ldc, alpha, beta);
+      row_remainder<T, R, C, TransA>(rows - i, n, depth, TransA ? a + i : a + i * lda, lda, b + j0, ldb,
+                                     c + i * ldc + j0, ldc, alpha, beta);
+  }
+}
+
+/// C = alpha · op(A) · B + beta · C, all row-major; op(A) is rows × depth. With 32 vector
+/// registers, a C several tiles wide gets 8 × 3 tiles (fewer loads of B per multiply-add: the
+/// faster shape when B comes from L2), a narrow one 6 × 4 (a 64-wide C in one tile).
+template <class T, bool TransA>
+void gemm(std::size_t rows, std::size_t cols, std::size_t depth, const T* a, std::size_t lda, const T* b,
+          std::size_t ldb, T* c, std::size_t ldc, T alpha, T beta) {
+  if constexpr (tile_shape<T>::wide) {
+    if (cols >= 4 * 3 * lanes<T>)
+      return gemm_tiled<T, 8, 3, TransA>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
+    return gemm_tiled<T, 6, 4, TransA>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
+  } else {
+    return gemm_tiled<T, 4, 2, TransA>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
   }
 }
 

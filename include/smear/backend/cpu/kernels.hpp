@@ -307,20 +307,18 @@ void activation_backward(cpu, activation act, matrix_ref<const T> pre, matrix_re
   }
 }
 
+/// out = Σ_i a.row(i), row after row: a streams through once, out stays in L1.
 template <class T>
 void column_sums(cpu, matrix_ref<const T> a, std::span<T> out) {
   using batch = xsimd::batch<T>;
   constexpr std::size_t w = batch::size;
-  std::size_t j = 0;
-  for (; j + w <= a.cols; j += w) {
-    batch s(T(0));
-    for (std::size_t i = 0; i < a.rows; ++i) s += batch::load_unaligned(a.data + i * a.stride + j);
-    s.store_unaligned(out.data() + j);
-  }
-  for (; j < a.cols; ++j) {
-    T s = T(0);
-    for (std::size_t i = 0; i < a.rows; ++i) s += a(i, j);
-    out[j] = s;
+  std::fill(out.begin(), out.end(), T(0));
+  for (std::size_t i = 0; i < a.rows; ++i) {
+    const T* r = a.data + i * a.stride;
+    std::size_t j = 0;
+    for (; j + w <= a.cols; j += w)
+      (batch::load_unaligned(out.data() + j) + batch::load_unaligned(r + j)).store_unaligned(out.data() + j);
+    for (; j < a.cols; ++j) out[j] += r[j];
   }
 }
 
