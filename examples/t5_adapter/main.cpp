@@ -24,6 +24,7 @@
 //   --lr X               AdamW learning rate (default 3e-3)     --bottleneck M (default 8)
 //   --eval-every N       validation every N steps (default 100) --eval-limit N (default 0: all)
 //   --pretrain-steps N   backbone pre-training steps (default 800)
+//   --pretrain-lr X      backbone pre-training learning rate (default 2e-3)
 //   --d-model N --layers N --heads N --d-kv N --d-ff N --relu   backbone shape (default 64, 4, 4, 16, 128, gated-GELU)
 //   --max-len N          tokens per example (default 64)
 //   --vocab N            embedding rows (default: the SentencePiece vocabulary + 1 mask id); e.g.
@@ -50,6 +51,7 @@ struct cli {
   std::string command, data, out = "smear-t5-out", backbone, method = "smear";
   std::vector<std::string> methods = t5ex::all_methods();
   std::size_t seeds = 1, pretrain_steps = 800, max_len = 64, vocab = 0;
+  double pretrain_lr = 2e-3;
   t5ex::train_options train;
   t5ex::t5_config cfg{.d_model = 64, .d_kv = 16, .num_heads = 4, .d_ff = 128, .num_layers = 4, .gated_gelu = true};
 };
@@ -97,6 +99,7 @@ cli parse(int argc, char** argv) {
     else if (a == "--eval-every") c.train.eval_every = number();
     else if (a == "--eval-limit") c.train.eval_limit = number();
     else if (a == "--pretrain-steps") c.pretrain_steps = number();
+    else if (a == "--pretrain-lr") c.pretrain_lr = std::stod(value());
     else if (a == "--d-model") c.cfg.d_model = number();
     else if (a == "--layers") c.cfg.num_layers = number();
     else if (a == "--heads") c.cfg.num_heads = number();
@@ -146,7 +149,7 @@ void backbone(const cli& c, t5ex::t5_encoder& enc, const t5ex::dataset& d, bool 
   std::fprintf(stderr, "pre-training the backbone (%zu layers, d = %zu, %zu parameters) for %zu steps\n",
                enc.config().num_layers, enc.config().d_model, enc.values().size(), c.pretrain_steps);
   enc.initialize(12345);
-  t5ex::pretrain(enc, d, {.steps = c.pretrain_steps, .batch = c.train.batch, .seed = 7});
+  t5ex::pretrain(enc, d, {.steps = c.pretrain_steps, .batch = c.train.batch, .lr = c.pretrain_lr, .seed = 7});
   enc.save(c.backbone, {{"format", "pt"}, {"objective", "masked-token prediction"},
                         {"steps", std::to_string(c.pretrain_steps)}});
   std::fprintf(stderr, "saved backbone %s\n", c.backbone.c_str());
