@@ -83,19 +83,6 @@ inline void micro_tile(std::size_t depth, const T* a, std::size_t lda, const T* 
     }
 }
 
-/// The columns past the last whole batch, one scalar at a time.
-template <class T, bool TransA>
-inline void scalar_tile(std::size_t rows, std::size_t cols, std::size_t depth, const T* a, std::size_t lda,
-                        const T* b, std::size_t ldb, T* c, std::size_t ldc, T alpha, T beta) {
-  for (std::size_t r = 0; r < rows; ++r)
-    for (std::size_t j = 0; j < cols; ++j) {
-      T s = T(0);
-      for (std::size_t k = 0; k < depth; ++k) s += (TransA ? a[k * lda + r] : a[r * lda + k]) * b[k * ldb + j];
-      T& out = c[r * ldc + j];
-      out = beta == T(0) ? alpha * s : alpha * s + beta * out;
-    }
-}
-
 /// R rows of C (R known at compile time) over the columns [0, cols), C batches at a time.
 template <class T, std::size_t R, std::size_t C, bool TransA>
 inline void row_panel(std::size_t cols, std::size_t depth, const T* a, std::size_t lda, const T* b, std::size_t ldb,
@@ -103,8 +90,7 @@ inline void row_panel(std::size_t cols, std::size_t depth, const T* a, std::size
   constexpr std::size_t w = lanes<T>;
   std::size_t j = 0;
   for (; j + C * w <= cols; j += C * w) micro_tile<T, R, C, TransA>(depth, a, lda, b + j, ldb, c + j, ldc, alpha, beta);
-  for (; j + w <= cols; j += w) micro_tile<T, R, 1, TransA>(depth, a, lda, b + j, ldb, c + j, ldc, alpha, beta);
-  if (j < cols) scalar_tile<T, TransA>(R, cols - j, depth, a, lda, b + j, ldb, c + j, ldc, alpha, beta);
+  for (; j < cols; j += w) micro_tile<T, R, 1, TransA>(depth, a, lda, b + j, ldb, c + j, ldc, alpha, beta);
 }
 
 /// The last rows - fewer than a whole tile of R - with their count chosen at compile time.
@@ -140,7 +126,8 @@ void gemm_tiled(std::size_t rows, std::size_t cols, std::size_t depth, const T* 
   }
 }
 
-/// C = alpha · op(A) · B + beta · C, all row-major; op(A) is rows × depth. With 32 vector
+/// C = alpha · op(A) · B + beta · C, all row-major; op(A) is rows × depth, and cols a multiple
+/// of the SIMD width (other shapes go to Eigen, see gemm_serial). With 32 vector
 /// registers, a C several tiles wide gets 8 × 3 tiles (fewer loads of B per multiply-add: the
 /// faster shape when B comes from L2), a narrow one 6 × 4 (a 64-wide C in one tile).
 template <class T, bool TransA>
