@@ -105,6 +105,18 @@ inline constexpr bool is_in_place_expert = [] {
     return false;
 }();
 
+/// True when each output row of the expert depends on the same input row only (the expert
+/// declares `static constexpr bool row_wise = true`), and so saved_size and scratch_size grow
+/// linearly with the rows: the layer may then run consecutive examples that share a parameter
+/// vector (the inference cache) as one block of rows.
+template <class E>
+inline constexpr bool is_row_wise_expert = [] {
+  if constexpr (requires { E::row_wise; })
+    return static_cast<bool>(E::row_wise);
+  else
+    return false;
+}();
+
 namespace detail {
 
 /// Checks mergeable_expert one requirement at a time, so the compiler's first error is a

@@ -434,7 +434,9 @@ class layer {
     const std::size_t threads = backend::max_threads(be);
     const std::size_t P = bank_.parameter_count(), k = slots();
     saved_stride_ = bank_.expert().saved_size(L);
-    scratch_stride_ = bank_.expert().scratch_size(L);
+    // a run of the inference cache may hold the whole batch (group_runs)
+    const bool runs = is_row_wise_expert<Expert> && path_ == path::cached;
+    scratch_stride_ = bank_.expert().scratch_size(runs ? B * L : L);
     grow(merged_, B * P);
     grow(saved_, B * k * saved_stride_);
     if (path_ != path::merge || !is_in_place_expert<Expert>) grow(dparams_, threads * P);  // else G_b goes in place
@@ -485,11 +487,42 @@ class layer {
   /// waking the others would cost more than it saves.
   static constexpr std::size_t parallel_work = std::size_t{1} << 18;
 
-  /// f(b, thread) for every example, spread over the backend's threads when the batch is worth it.
+  /// Consecutive examples that one call of the expert takes as one block of rows: in the
+  /// inference cache, with a row-wise expert, examples sharing a merged expert whose rows are
+  /// contiguous (each but the last is full length). Elsewhere each example is its own run.
+  /// runs_ holds the first example of each run, then B.
+  void group_runs(tokens<const T> x) {
+    runs_.clear();
+    for (std::size_t b = 0; b < x.batch; ++b)
+      if (!(is_row_wise_expert<Expert> && path_ == path::cached && b > 0 && theta_[b] == theta_[runs_.back()] &&
+            x.valid(b - 1) == x.length))
+        runs_.push_back(b);
+    runs_.push_back(x.batch);
+  }
+  static std::size_t run_rows(tokens<const T> x, std::size_t first, std::size_t last) {
+    return (last - first - 1) * x.length + x.valid(last - 1);
+  }
+
+  /// f(first, last, thread) for each run, spread over threads when there is enough work.
+  template <class F>
+  void for_each_run(const Backend& be, tokens<const T> x, F&& f) {
+    const std::size_t runs = runs_.size() - 1;
+    std::size_t rows = 0;
+    for (std::size_t b = 0; b < x.batch; ++b) rows += x.valid(b);
+    const auto run = [&](std::size_t r, std::size_t thread) { f(runs_[r], runs_[r + 1], thread); };
+    if (runs == 1 || rows * bank_.parameter_count() < parallel_work) {
+      for (std::size_t r = 0; r < runs; ++r) run(r, std::size_t{0});
+      return;
+    }
+    backend::parallel_for(be, runs, run);
+  }
+
+  /// f(b, thread) for every example of a mixture, spread over the backend's threads when the
+  /// batch is worth it.
   template <class F>
   void for_each_example(const Backend& be, tokens<const T> x, F&& f) {
     std::size_t rows = 0;
-    for (std::size_t b = 0; b < x.batch; ++b) rows += x.valid(b) * (path_ == path::mixture ? count_[b] : 1);
+    for (std::size_t b = 0; b < x.batch; ++b) rows += x.valid(b) * count_[b];
     if (rows * bank_.parameter_count() < parallel_work) {
       for (std::size_t b = 0; b < x.batch; ++b) f(b, std::size_t{0});
       return;
@@ -661,15 +694,16 @@ class layer {
 
   void apply(const Backend& be, tokens<const T> x, std::span<T> y) {
     const Expert& ex = bank_.expert();
-    const std::size_t din = input_dim(), dout = output_dim(), P = bank_.parameter_count();
-    for_each_example(be, x, [&](std::size_t b, std::size_t) {
-      const std::size_t rows = x.valid(b);
-      matrix_ref<const T> xb = x.example(b).middle_rows(0, rows);
-      matrix_ref<T> yb{y.data() + b * x.length * dout, rows, dout};
-      ex.forward(be, std::span<const T>(theta_[b], P), xb, yb, saved(b, rows));
+    const std::size_t din = input_dim(), dout = output_dim(), P = bank_.parameter_count(), L = x.length;
+    group_runs(x);
+    for_each_run(be, x, [&](std::size_t first, std::size_t last, std::size_t) {
+      const std::size_t rows = run_rows(x, first, last);
+      matrix_ref<const T> xb{x.data + first * L * din, rows, din};
+      matrix_ref<T> yb{y.data() + first * L * dout, rows, dout};
+      ex.forward(be, std::span<const T>(theta_[first], P), xb, yb, saved(first, rows));
       if (residual_)
         backend::axpy<T>(be, T(1), std::span<const T>(xb.data, rows * din), {yb.data, rows * dout});
-      std::fill(yb.data + rows * dout, yb.data + x.length * dout, T(0));
+      std::fill(yb.data + rows * dout, y.data() + last * L * dout, T(0));
     });
   }
 
@@ -700,23 +734,25 @@ class layer {
   /// into row b of merged().
   void backward_experts(const Backend& be, tokens<const T> x, std::span<const T> dy, tokens<T> dx) {
     const Expert& ex = bank_.expert();
-    const std::size_t P = bank_.parameter_count(), din = input_dim(), dout = output_dim();
-    for_each_example(be, x, [&](std::size_t b, std::size_t thread) {
-      const std::size_t rows = x.valid(b);
-      matrix_ref<const T> xb = x.example(b).middle_rows(0, rows);
-      matrix_ref<const T> dyb{dy.data() + b * x.length * dout, rows, dout};
-      matrix_ref<T> dxb = dx.example(b).middle_rows(0, rows);
-      // θ̄_b is no longer needed after this: its row of merged() gets G_b = ∂ℓ/∂θ̄_b, written
-      // there directly when θ̄_b is that row and the expert can write over its parameters
-      const std::span<T> row = merged().row(b);
-      const bool in_place = is_in_place_expert<Expert> && theta_[b] == row.data();
+    const std::size_t P = bank_.parameter_count(), din = input_dim(), dout = output_dim(), L = x.length;
+    for_each_run(be, x, [&](std::size_t first, std::size_t last, std::size_t thread) {
+      const std::size_t rows = run_rows(x, first, last);
+      matrix_ref<const T> xb{x.data + first * L * din, rows, din};
+      matrix_ref<const T> dyb{dy.data() + first * L * dout, rows, dout};
+      matrix_ref<T> dxb{dx.data + first * L * din, rows, din};
+      // θ̄ is no longer needed after this: the run's first row of merged() gets its gradient,
+      // written there directly when θ̄ is that row and the expert can write over its
+      // parameters; a run's other rows get 0 (they share θ̄ and its routing weights)
+      const std::span<T> row = merged().row(first);
+      const bool in_place = is_in_place_expert<Expert> && theta_[first] == row.data();
       std::span<T> g = in_place ? row : std::span<T>{dparams_.data() + thread * P, P};
-      ex.backward(be, std::span<const T>(theta_[b], P), xb, std::span<const T>(saved(b, rows)), dyb,
+      ex.backward(be, std::span<const T>(theta_[first], P), xb, std::span<const T>(saved(first, rows)), dyb,
                   dxb, g, scratch(thread, rows));
       if (residual_)
         backend::axpy<T>(be, T(1), std::span<const T>(dyb.data, rows * dout), {dxb.data, rows * din});
-      std::fill(dxb.data + rows * din, dx.data + (b + 1) * x.length * din, T(0));
+      std::fill(dxb.data + rows * din, dx.data + last * L * din, T(0));
       if (!in_place) std::copy(g.begin(), g.end(), row.begin());
+      for (std::size_t b = first + 1; b < last; ++b) std::ranges::fill(merged().row(b), T(0));
     });
   }
 
@@ -862,6 +898,7 @@ class layer {
   std::vector<parameter_range> groups_;
   path path_ = path::merge;
   // per-call buffers
+  std::vector<std::size_t> runs_;  // see group_runs
   std::vector<T> merged_, saved_, dparams_, scratch_, dprobs_, weights_, soft_, coef_, dcoef_,
       outputs_, dxtmp_, dbank_, losses_, dr_;
   std::vector<const T*> theta_;

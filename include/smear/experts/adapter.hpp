@@ -35,6 +35,7 @@ class adapter {
   using value_type = T;
   static constexpr bool residual = true;
   static constexpr bool backward_in_place = true;  // dparams may be params (see backward)
+  static constexpr bool row_wise = true;
 
   /// Throws value_error when `dim` or `bottleneck` is zero.
   adapter(std::size_t dim, std::size_t bottleneck, adapter_options options = {})

@@ -24,6 +24,7 @@ template <class T>
 class linear {
  public:
   using value_type = T;
+  static constexpr bool row_wise = true;
 
   linear(std::size_t in, std::size_t out, linear_options options = {})
       : in_(in), out_(out), opt_(options) {

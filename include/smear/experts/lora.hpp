@@ -30,6 +30,7 @@ template <class T>
 class lora {
  public:
   using value_type = T;
+  static constexpr bool row_wise = true;
 
   /// `frozen_weight` holds in·out values (row-major [in, out]) or is empty (no frozen map);
   /// `frozen_bias` holds out values or is empty. Throws shape_error on other sizes.
