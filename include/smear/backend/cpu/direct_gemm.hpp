@@ -40,9 +40,7 @@ inline constexpr std::size_t lanes = batch<T>::size;
 /// Register tiles are sized to the architecture's vector registers: 32 with AVX-512, 16
 /// assumed otherwise (R × C accumulators, C loaded batches of B and one broadcast).
 template <class T>
-struct tile_shape {
-  static constexpr bool wide = sizeof(batch<T>) >= 64;
-};
+inline constexpr bool wide_registers = sizeof(batch<T>) >= 64;
 
 /// C[R × C·w] = alpha · op(A)[R × depth] · B[depth × C·w] + beta · C. op(A)(i, k) is a[i·lda + k],
 /// or a[k·lda + i] when TransA. beta = 0 does not read C.
@@ -133,7 +131,7 @@ void gemm_tiled(std::size_t rows, std::size_t cols, std::size_t depth, const T* 
 template <class T, bool TransA>
 void gemm(std::size_t rows, std::size_t cols, std::size_t depth, const T* a, std::size_t lda, const T* b,
           std::size_t ldb, T* c, std::size_t ldc, T alpha, T beta) {
-  if constexpr (tile_shape<T>::wide) {
+  if constexpr (wide_registers<T>) {
     if (cols >= 4 * 3 * lanes<T>)
       return gemm_tiled<T, 8, 3, TransA>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
     return gemm_tiled<T, 6, 4, TransA>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
@@ -147,7 +145,7 @@ void gemm(std::size_t rows, std::size_t cols, std::size_t depth, const T* a, std
 /// to the depth).
 template <class T>
 struct dot_shape {
-  static constexpr std::size_t rows = tile_shape<T>::wide ? 4 : 2;
+  static constexpr std::size_t rows = wide_registers<T> ? 4 : 2;
   static constexpr std::size_t cols = 4;
 };
 
@@ -257,3 +255,6 @@ std::vector<T>& transpose_buffer() {
 }
 
 }  // namespace smear::backend::detail::direct
+
+#undef SMEAR_UNROLL
+#undef SMEAR_PREFETCH
