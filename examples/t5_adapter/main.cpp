@@ -23,8 +23,8 @@
 //   --steps N            adapter training steps (default 600)   --batch N (default 32)
 //   --lr X               AdamW learning rate (default 3e-3)     --bottleneck M (default 8)
 //   --eval-every N       validation every N steps (default 100) --eval-limit N (default 0: all)
-//   --pretrain-steps N   backbone pre-training steps (default 800)
-//   --pretrain-lr X      backbone pre-training learning rate (default 2e-3)
+//   --pretrain-steps N   backbone pre-training steps (default 8000, about 25 min on one core)
+//   --pretrain-lr X      backbone pre-training learning rate (default 5e-4)
 //   --d-model N --layers N --heads N --d-kv N --d-ff N --relu   backbone shape (default 64, 4, 4, 16, 128, gated-GELU)
 //   --max-len N          tokens per example (default 64)
 //   --vocab N            embedding rows (default: the SentencePiece vocabulary + 1 mask id); e.g.
@@ -50,8 +50,8 @@ namespace {
 struct cli {
   std::string command, data, out = "smear-t5-out", backbone, method = "smear";
   std::vector<std::string> methods = t5ex::all_methods();
-  std::size_t seeds = 1, pretrain_steps = 800, max_len = 64, vocab = 0;
-  double pretrain_lr = 2e-3;
+  std::size_t seeds = 1, pretrain_steps = 8000, max_len = 64, vocab = 0;
+  double pretrain_lr = 5e-4;
   t5ex::train_options train;
   t5ex::t5_config cfg{.d_model = 64, .d_kv = 16, .num_heads = 4, .d_ff = 128, .num_layers = 4, .gated_gelu = true};
 };
