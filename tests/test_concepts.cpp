@@ -20,6 +20,17 @@ static_assert(mergeable_expert<lora<float>> && mergeable_expert<linear<double>>)
 static_assert(is_residual_expert<adapter<float>>);
 static_assert(!is_residual_expert<lora<float>> && !is_residual_expert<linear<float>>);
 static_assert(!is_residual_expert<archetypes::mergeable_expert<float>>);
+// the optional flags: absent or false is false, true is true
+static_assert(is_in_place_expert<adapter<float>> && !is_in_place_expert<lora<float>>);
+static_assert(is_row_wise_expert<adapter<float>> && is_row_wise_expert<lora<double>> && is_row_wise_expert<linear<float>>);
+static_assert(!is_row_wise_expert<conv_adapter<float>> && !is_in_place_expert<archetypes::mergeable_expert<float>>);
+namespace {
+struct flags_false : adapter<float> {
+  static constexpr bool residual = false, backward_in_place = false, row_wise = false;
+  using adapter::adapter;
+};
+}  // namespace
+static_assert(!is_residual_expert<flags_false> && !is_in_place_expert<flags_false> && !is_row_wise_expert<flags_false>);
 
 namespace {
 struct int_expert {  // value_type must be float or double

@@ -86,36 +86,21 @@ concept mergeable_expert = differentiable_expert<E> && requires(const E& e) {
 /// True when the layer adds the input to the expert's output (the expert declares
 /// `static constexpr bool residual = true`).
 template <class E>
-inline constexpr bool is_residual_expert = [] {
-  if constexpr (requires { E::residual; })
-    return static_cast<bool>(E::residual);
-  else
-    return false;
-}();
+inline constexpr bool is_residual_expert = requires { requires static_cast<bool>(E::residual); };
 
 /// True when the expert's backward may write ∂ℓ/∂params over params itself (the expert
 /// declares `static constexpr bool backward_in_place = true`): it reads each parameter for
 /// the last time before it writes that parameter's gradient. The layer then writes a merged
 /// expert's gradient where its merged parameters were, without a copy.
 template <class E>
-inline constexpr bool is_in_place_expert = [] {
-  if constexpr (requires { E::backward_in_place; })
-    return static_cast<bool>(E::backward_in_place);
-  else
-    return false;
-}();
+inline constexpr bool is_in_place_expert = requires { requires static_cast<bool>(E::backward_in_place); };
 
 /// True when each output row of the expert depends on the same input row only (the expert
 /// declares `static constexpr bool row_wise = true`), and so saved_size and scratch_size grow
 /// linearly with the rows: the layer may then run consecutive examples that share a parameter
 /// vector (the inference cache) as one block of rows.
 template <class E>
-inline constexpr bool is_row_wise_expert = [] {
-  if constexpr (requires { E::row_wise; })
-    return static_cast<bool>(E::row_wise);
-  else
-    return false;
-}();
+inline constexpr bool is_row_wise_expert = requires { requires static_cast<bool>(E::row_wise); };
 
 namespace detail {
 

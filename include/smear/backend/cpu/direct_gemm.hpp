@@ -140,15 +140,6 @@ void gemm(std::size_t rows, std::size_t cols, std::size_t depth, const T* a, std
   }
 }
 
-/// A·Bᵀ as dot products along the rows of both, for a deep product: tiles of R rows of A ×
-/// C rows of B, one accumulator batch each, summed across its lanes at the end (little next
-/// to the depth).
-template <class T>
-struct dot_shape {
-  static constexpr std::size_t rows = wide_registers<T> ? 4 : 2;
-  static constexpr std::size_t cols = 4;
-};
-
 /// C[rows × cols] at (i, j) = alpha · A[i]·B[j] + beta · C for `rows` rows of A and `cols` rows
 /// of B (at most the tile), over depth values.
 template <class T, std::size_t R, std::size_t C>
@@ -182,12 +173,14 @@ inline void dot_tile(std::size_t depth, const T* a, std::size_t lda, const T* b,
     }
 }
 
-/// C = alpha · A · Bᵀ + beta · C, row-major A [rows × depth], B [cols × depth], C [rows × cols].
-/// The depth is split into chunks whose rows of B stay in L2.
+/// C = alpha · A · Bᵀ + beta · C, row-major A [rows × depth], B [cols × depth], C [rows × cols],
+/// as dot products along the rows of both, for a deep product: tiles of R rows of A × C rows
+/// of B, one accumulator batch each, summed across its lanes at the end (little next to the
+/// depth). The depth is split into chunks whose rows of B stay in L2.
 template <class T>
 void gemm_nt(std::size_t rows, std::size_t cols, std::size_t depth, const T* a, std::size_t lda, const T* b,
              std::size_t ldb, T* c, std::size_t ldc, T alpha, T beta) {
-  constexpr std::size_t R = dot_shape<T>::rows, C = dot_shape<T>::cols, w = lanes<T>;
+  constexpr std::size_t R = wide_registers<T> ? 4 : 2, C = 4, w = lanes<T>;
   const std::size_t chunk = std::max<std::size_t>(256, block_bytes / (sizeof(T) * cols) / w * w);
   for (std::size_t k0 = 0; k0 < depth; k0 += chunk) {
     const std::size_t kc = std::min(chunk, depth - k0);
