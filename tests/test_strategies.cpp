@@ -584,7 +584,7 @@ TEST_CASE("strategy errors are clear and come before any work") {
   layer<A, 4> rl{A{4, 2}, {.routing = top1(estimator::reinforce)}};
   rl.forward(xs, y);
   CHECK_THROWS_WITH_AS(rl.backward(y, dx),
-                       "smear::layer::backward: REINFORCE needs each example's loss: call backward(dy, dx, "
+                       "smear::layer::backward: reinforce needs each example's loss: call backward(dy, dx, "
                        "losses) with B = 2 losses", value_error);
   const std::vector<float> one_loss{1.0f};
   CHECK_THROWS_AS(rl.backward(y, dx, one_loss), shape_error);

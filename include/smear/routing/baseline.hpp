@@ -44,10 +44,11 @@ class reinforce_baseline {
     if (kind_ == baseline::learned) out.push_back({prefix + "parameters", values_, grads_, false});
   }
 
-  /// The baseline for each example (features [B, d], the router's detached input). A moving
+  /// The baseline for each example (features [B, d], the router's detached input; only the
+  /// learned kind reads them). A moving
   /// average not yet started takes the batch's mean loss.
   void predict(matrix_ref<const T> features, std::span<const T> losses, std::span<T> out) {
-    const std::size_t B = features.rows;
+    const std::size_t B = losses.size();
     if (kind_ == baseline::moving_average) {
       if (!started_) {
         T mean = 0;
@@ -74,7 +75,7 @@ class reinforce_baseline {
   /// After predict(): moves the average, or accumulates the gradient of the learned
   /// baseline's loss mean_b (baseline_b − loss_b)².
   void update(matrix_ref<const T> features, std::span<const T> losses, std::span<const T> predicted) {
-    const std::size_t B = features.rows;
+    const std::size_t B = losses.size();
     T mean = 0;
     for (auto l : losses) mean += l;
     mean /= static_cast<T>(B);

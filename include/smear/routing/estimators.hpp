@@ -2,8 +2,8 @@
 /// \file routing/estimators.hpp
 /// The per-example decisions and router gradients of top-k routing, in one place for every
 /// backend: the Gumbel-softmax sample and its straight-through backward, REINFORCE's sample and
-/// score-function gradient, DSelect-k's selection and its gradient. Host-side math over one
-/// example's N (or K) values; each backend runs it on the router's logits.
+/// score-function gradient (DSelect-k's selection is in routing/dselect.hpp). Host-side math
+/// over one example's N values, run by the planners on the router's logits.
 
 #include <algorithm>
 #include <array>
@@ -14,7 +14,6 @@
 #include <span>
 
 #include "smear/random.hpp"
-#include "smear/routing/dselect.hpp"
 
 namespace smear::estimate {
 
@@ -90,45 +89,3 @@ void reinforce_gradient(std::span<const T> p, std::size_t e, T adv, T bonus, T i
 }
 
 }  // namespace smear::estimate
-
-namespace smear::dselect {
-
-/// What select() reports of one example's code weights.
-template <class T>
-struct selection {
-  T entropy;  ///< −Σ r log r over every code
-  T unused;   ///< Σ r over the codes ≥ N
-};
-
-/// One example's DSelect-k selection from its K gate logits z: gates g = smooth_step(z), code
-/// weights r (2^K values), and w = r normalised over the N experts (uniform if all are zero).
-template <class T>
-selection<T> select(std::span<const T> z, double gamma, std::span<T> gates, std::span<T> r, std::span<T> w) {
-  for (std::size_t i = 0; i < z.size(); ++i)
-    gates[i] = static_cast<T>(smooth_step(static_cast<double>(z[i]), gamma));
-  code_weights<T>(gates, r);
-  const std::size_t N = w.size();
-  T used = 0, unused = 0;
-  for (std::size_t e = 0; e < r.size(); ++e) (e < N ? used : unused) += r[e];
-  for (std::size_t e = 0; e < N; ++e) w[e] = used > T(0) ? r[e] / used : T(1) / static_cast<T>(N);
-  return {estimate::entropy<T>(r), unused};
-}
-
-/// Given dr (∂ℓ/∂r of the codes the caller ran), adds the regularisers' gradients
-/// (entropy_weight · H(r) + unused_weight · Σ_{e ≥ N} r_e, both already divided by B) and writes
-/// ∂ℓ/∂z for the K gate logits. `dr` is modified.
-template <class T>
-void select_backward(std::span<const T> z, double gamma, std::span<const T> gates, std::span<const T> r,
-                     std::size_t experts, T entropy_weight, T unused_weight, std::span<T> dr, std::span<T> dz) {
-  for (std::size_t e = 0; e < r.size(); ++e) {
-    if (!(r[e] > T(0))) continue;
-    dr[e] += entropy_weight * (-std::log(r[e]) - T(1));
-    if (e >= experts) dr[e] += unused_weight;
-  }
-  std::array<T, 64> dg{};
-  code_weights_backward<T>(gates, dr, {dg.data(), z.size()});
-  for (std::size_t i = 0; i < z.size(); ++i)
-    dz[i] = dg[i] * static_cast<T>(smooth_step_derivative(static_cast<double>(z[i]), gamma));
-}
-
-}  // namespace smear::dselect

@@ -1,9 +1,14 @@
 #pragma once
 /// \file routing/hash.hpp
-/// The fixed, seeded hash behind hash routing: stable across runs, platforms and compilers.
+/// Hash routing: the expert of an example is a fixed, seeded hash of its token ids (or of its
+/// example id, or of its position in the batch), stable across runs, platforms and compilers.
 
+#include <cstddef>
 #include <cstdint>
 #include <span>
+
+#include "smear/routing/planner.hpp"
+#include "smear/routing/tag.hpp"
 
 namespace smear::detail {
 
@@ -28,3 +33,36 @@ constexpr std::uint64_t hash_id(std::uint64_t id, std::uint64_t seed) noexcept {
 }
 
 }  // namespace smear::detail
+
+namespace smear {
+
+template <class T>
+class hash_planner : public planner_base<hash_planner<T>, T> {
+ public:
+  hash_planner(std::size_t experts, std::size_t parameters, std::uint64_t seed)
+      : n_(experts), p_(parameters), seed_(seed) {}
+
+  void check(const route_context<T>& c, const char* op) const override {
+    if (!c.in.token_ids.empty() && c.in.token_ids.size() != c.batch * c.length)
+      throw shape_error(detail::message(op, ": token_ids has ", c.in.token_ids.size(),
+                                        " values, expected [B, L] = ", detail::shape(c.batch, c.length)));
+    if (c.in.token_ids.empty() && !c.in.example_ids.empty() && c.in.example_ids.size() != c.batch)
+      throw shape_error(detail::message(op, ": example_ids has ", c.in.example_ids.size(),
+                                        " values, expected B = ", c.batch));
+  }
+  router_use router(const route_context<T>&) const override { return router_use::none; }
+  void plan(const route_context<T>& c, rng&, routing_plan<T>& out) override {
+    plan_one_expert_each(out, c.batch, n_, p_, [&](std::size_t b) {
+      const std::uint64_t h = !c.in.token_ids.empty()
+                                  ? detail::hash_tokens(c.in.token_ids.subspan(b * c.length, c.valid(b)), seed_)
+                                  : detail::hash_id(c.in.example_ids.empty() ? b : c.in.example_ids[b], seed_);
+      return static_cast<std::size_t>(h % n_);
+    });
+  }
+
+ private:
+  std::size_t n_, p_;
+  std::uint64_t seed_;
+};
+
+}  // namespace smear

@@ -29,6 +29,8 @@ enum class estimator {
               ///< sample s = softmax((z + Gumbel) / τ), τ = the router's temperature
   reinforce,  ///< score function with a baseline; needs each example's loss in backward()
   dselect,    ///< DSelect-k: smooth-step gates over the experts' binary codes (k = 1)
+  switch_gate,  ///< the official code's "switch": the top k of p, outputs scaled by their
+                ///< probabilities, so the router's gradient is exact (no estimator)
 };
 
 /// The baseline REINFORCE subtracts from each example's loss.
@@ -53,6 +55,7 @@ struct strategy_options {
   double skills_temperature = 1.0;                      ///< latent_skills: relaxed Bernoulli temperature
   double skills_init = 1e-3;                            ///< latent_skills: logits start in U(−init, init)
   std::uint64_t hash_seed = 0;                          ///< hash routing
+  bool switch_renormalize = false;                      ///< switch_gate: scale by p_j / Σ_chosen p
 };
 
 /// Per-batch inputs some strategies need.
@@ -80,12 +83,13 @@ constexpr std::string_view to_string(estimator e) noexcept {
     case estimator::st_gumbel: return "st_gumbel";
     case estimator::reinforce: return "reinforce";
     case estimator::dselect: return "dselect";
+    case estimator::switch_gate: return "switch";
   }
   return "?";
 }
 
 /// Parses the names used on command lines: smear, ensemble, tag, hash, adamix, latent_skills,
-/// st_gumbel, reinforce, dselect (the last three are top-1 with that estimator). Throws
+/// st_gumbel, reinforce, dselect, switch (the last four are top-1 with that estimator). Throws
 /// value_error listing the names otherwise.
 inline strategy_options parse_strategy(std::string_view name) {
   strategy_options o;
@@ -95,15 +99,15 @@ inline strategy_options parse_strategy(std::string_view name) {
       o.strategy = s;
       return o;
     }
-  for (auto e : {estimator::st_gumbel, estimator::reinforce, estimator::dselect})
+  for (auto e : {estimator::st_gumbel, estimator::reinforce, estimator::dselect, estimator::switch_gate})
     if (name == to_string(e)) {
       o.strategy = strategy::top_k;
       o.estimator = e;
       return o;
     }
   throw value_error(detail::message("unknown strategy '", name,
-                                    "'; known: smear, ensemble, st_gumbel, reinforce, dselect, tag, hash, "
-                                    "adamix, latent_skills"));
+                                    "'; known: smear, ensemble, st_gumbel, reinforce, dselect, switch, tag, "
+                                    "hash, adamix, latent_skills"));
 }
 
 /// ⌈log₂ n⌉ for n ≥ 1 (at least 1): the number of DSelect-k gates for n experts.
@@ -113,12 +117,23 @@ constexpr std::size_t ceil_log2(std::size_t n) noexcept {
   return b == 0 ? 1 : b;
 }
 
+/// Whether the strategy has a learned router (smear, ensemble, top-k), whose tensors are then
+/// among a layer's parameters.
+constexpr bool has_router(const strategy_options& o) noexcept {
+  return o.strategy == strategy::smear || o.strategy == strategy::ensemble || o.strategy == strategy::top_k;
+}
+
+/// How many outputs the router has for N experts: ⌈log₂ N⌉ gate logits for DSelect-k, else N.
+constexpr std::size_t router_outputs(const strategy_options& o, std::size_t experts) noexcept {
+  return o.strategy == strategy::top_k && o.estimator == estimator::dselect ? ceil_log2(experts) : experts;
+}
+
 /// Throws value_error when an option is outside its domain for N experts.
 inline void validate(const strategy_options& o, std::size_t experts) {
   if (o.strategy == strategy::top_k) {
     if (o.k < 1 || o.k > experts)
       throw value_error(detail::message("top_k: k must be in 1..N = 1..", experts, ", got ", o.k));
-    if (o.estimator != estimator::st_gumbel && o.k != 1)
+    if ((o.estimator == estimator::reinforce || o.estimator == estimator::dselect) && o.k != 1)
       throw value_error(detail::message("top_k: ", to_string(o.estimator),
                                         " is implemented for k = 1, got k = ", o.k));
     if (!(o.baseline_momentum >= 0.0 && o.baseline_momentum < 1.0))

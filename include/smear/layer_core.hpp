@@ -1,0 +1,214 @@
+#pragma once
+/// \file layer_core.hpp
+/// What every backend's routing block shares: the experts' bank and the router (on the host:
+/// the parameters themselves; for a device layer: their host mirrors), the strategy's planner,
+/// the options, the mode and the generator behind every sampled decision, the plan of the last
+/// forward, and the checks at the public entry points. A backend's layer (smear::layer, the
+/// cuda layer) derives from it and only executes plans.
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <utility>
+
+#include "smear/bank.hpp"
+#include "smear/concepts.hpp"
+#include "smear/error.hpp"
+#include "smear/layer_options.hpp"
+#include "smear/random.hpp"
+#include "smear/routing/planners.hpp"
+#include "smear/routing/router.hpp"
+#include "smear/tensor.hpp"
+
+namespace smear {
+
+template <class Expert, std::size_t N>
+class layer_core {
+  static_assert(detail::diagnose_mergeable_expert<Expert>());
+  static_assert(N >= 1, "smear::layer: the number of experts N must be at least 1");
+
+ public:
+  using expert_type = Expert;
+  using value_type = typename Expert::value_type;
+  using T = value_type;
+  static constexpr std::size_t experts = N;
+
+  const Expert& expert() const noexcept { return bank_.expert(); }
+  std::size_t input_dim() const noexcept { return bank_.expert().input_dim(); }
+  std::size_t output_dim() const noexcept { return bank_.expert().output_dim(); }
+  bool residual() const noexcept { return residual_; }
+  const layer_options& options() const noexcept { return opt_; }
+  const strategy_options& strategy() const noexcept { return opt_.routing; }
+  /// Whether a learned router decides the routing (smear, ensemble, top-k).
+  bool uses_router() const noexcept { return has_router(opt_.routing); }
+
+  /// The latent-skill allocation; throws state_error under another strategy.
+  latent_skills<T>& skills() {
+    touch();
+    return planner_as<latent_skills_planner<T>>("layer::skills: the strategy is not latent_skills").skills();
+  }
+  const latent_skills<T>& skills() const {
+    return planner_as<latent_skills_planner<T>>("layer::skills: the strategy is not latent_skills").skills();
+  }
+  /// REINFORCE's baseline; throws state_error under another estimator.
+  reinforce_baseline<T>& baseline() {
+    return planner_as<reinforce_planner<T>>("layer::baseline: the estimator is not reinforce").baseline();
+  }
+  const reinforce_baseline<T>& baseline() const {
+    return planner_as<reinforce_planner<T>>("layer::baseline: the estimator is not reinforce").baseline();
+  }
+
+  /// Restarts the generator behind every sampled decision (expert dropout, Gumbel noise,
+  /// REINFORCE's and AdaMix's draws, relaxed Bernoulli skills) from `seed`.
+  void reseed(std::uint64_t seed) noexcept { gen_ = rng{seed}; }
+
+  /// Training mode samples (dropout, Gumbel, REINFORCE, AdaMix, skills); evaluation takes the
+  /// argmax / top-k, the average, or σ(logits). Default: training.
+  void train(bool on = true) noexcept {
+    training_ = on;
+    touch();
+  }
+  bool training() const noexcept { return training_; }
+
+  /// SMEAR at inference with a fixed distribution per task: row t of `p` ([tasks, N], rows
+  /// summing to 1) routes every example with tag t, merged once and cached. Used in evaluation
+  /// mode when forward() gets tags. Throws state_error under another strategy, shape_error /
+  /// value_error for a bad matrix.
+  void set_task_routing(matrix_ref<const T> p) {
+    planner_as<smear_planner<T>>("layer::set_task_routing: only the smear strategy routes by a per-task "
+                                 "distribution")
+        .set_task_routing(p);
+    touch();
+  }
+  void clear_task_routing() noexcept {
+    if (auto* s = dynamic_cast<smear_planner<T>*>(planner_.get())) s->clear_task_routing();
+    touch();
+  }
+  /// Ends the validity of merged experts cached for inference.
+  void invalidate_cache() noexcept { touch(); }
+  /// How many times the inference cache has been (re)built.
+  std::size_t cache_builds() const noexcept { return cache_builds_; }
+
+  /// The regularisers backward() differentiates along with the caller's loss, as a batch
+  /// mean: DSelect-k's selection entropy and unused-code penalty, REINFORCE's −bonus·H(p).
+  T auxiliary_loss() const noexcept { return plan_.auxiliary_loss; }
+
+ protected:
+  /// A block of N experts shaped like `prototype`, initialised from `seed`. Throws value_error
+  /// for an invalid option, or when residual is asked for an expert whose input and output
+  /// dimensions differ.
+  layer_core(Expert prototype, const layer_options& options, std::uint64_t seed)
+      : bank_(std::move(prototype)),
+        router_(bank_.expert().input_dim(), router_outputs(options.routing, N), options.router,
+                seed ^ 0x5EED0F5EA4ull),
+        opt_(options),
+        residual_(options.residual.value_or(is_residual_expert<Expert>)),
+        gen_(seed) {
+    validate(opt_.routing, N);
+    if (residual_ && bank_.expert().input_dim() != bank_.expert().output_dim())
+      throw value_error(detail::message("layer: residual needs input_dim == output_dim, the expert has ",
+                                        bank_.expert().input_dim(), " -> ", bank_.expert().output_dim()));
+    rng init{seed};
+    bank_.initialize(init);
+    rng extra{seed ^ 0xA11CA7E5ull};
+    planner_ = make_planner<T>(opt_.routing, N, bank_.layout(), input_dim(), extra);
+  }
+  layer_core(const layer_core& o)
+      : bank_(o.bank_), router_(o.router_), opt_(o.opt_), residual_(o.residual_), training_(o.training_),
+        was_training_(o.was_training_), gen_(o.gen_), planner_(o.planner_->clone()), plan_(o.plan_), last_(o.last_),
+        pending_backward_(o.pending_backward_), version_(o.version_), cache_builds_(o.cache_builds_) {}
+  layer_core& operator=(const layer_core& o) {
+    if (this != &o) *this = layer_core(o);
+    return *this;
+  }
+  layer_core(layer_core&&) noexcept = default;
+  layer_core& operator=(layer_core&&) noexcept = default;
+  ~layer_core() = default;
+
+  /// Checks a forward's arguments before any work (shapes, lengths, what the strategy needs)
+  /// and returns the planner's view of the batch. `y_size` is the output's length.
+  route_context<T> begin_forward(tokens<const T> x, std::size_t y_size, const route_inputs& in, const char* op) {
+    const auto shape = detail::shape(x.batch, x.length, x.dim);
+    if (x.batch == 0 || x.length == 0)
+      throw value_error(detail::message(op, ": empty batch, x is [B, L, d] = ", shape));
+    if (x.data == nullptr) throw value_error(detail::message(op, ": x has no data"));
+    if (x.dim != input_dim())
+      throw shape_error(detail::message(op, ": x is [B, L, d] = ", shape, ", the experts expect d = ", input_dim()));
+    if (!x.lengths.empty()) {
+      if (x.lengths.size() != x.batch)
+        throw shape_error(detail::message(op, ": lengths has ", x.lengths.size(), " entries, expected B = ",
+                                          x.batch, " (x is ", shape, ")"));
+      for (std::size_t b = 0; b < x.batch; ++b)
+        if (x.lengths[b] < 1 || static_cast<std::size_t>(x.lengths[b]) > x.length)
+          throw value_error(detail::message(op, ": example ", b, " has length ", x.lengths[b],
+                                            ", expected 1..L = 1..", x.length,
+                                            " (an all-padding example cannot be routed)"));
+    }
+    if (y_size != x.batch * x.length * output_dim())
+      throw shape_error(detail::message(op, ": y has ", y_size, " values, expected [B, L, d_out] = ",
+                                        detail::shape(x.batch, x.length, output_dim())));
+    route_context<T> c{.batch = x.batch, .length = x.length, .lengths = x.lengths, .in = in, .training = training_};
+    c.inv_temperature = static_cast<T>(1.0 / router_.options().temperature);
+    planner_->check(c, op);
+    pending_backward_ = false;
+    was_training_ = training_;
+    return c;
+  }
+  /// Plans the batch once the router's outputs (when the planner reads them) are in `c`.
+  void make_plan(const route_context<T>& c) { planner_->plan(c, gen_, plan_); }
+  /// Records a completed forward of `x`, so backward() may follow.
+  void end_forward(tokens<const T> x) noexcept {
+    last_ = x;
+    pending_backward_ = true;
+  }
+
+  /// Checks a backward's arguments against the last forward, before any work.
+  void begin_backward(std::size_t dy_size, std::size_t dx_size, std::span<const T> losses, const char* op) {
+    if (!pending_backward_)
+      throw state_error(detail::message(op, ": no forward to go back through (backward runs once per forward)"));
+    const tokens<const T> x = last_;
+    if (dy_size != x.batch * x.length * output_dim())
+      throw shape_error(detail::message(op, ": dy has ", dy_size, " values, expected [B, L, d_out] = ",
+                                        detail::shape(x.batch, x.length, output_dim())));
+    if (dx_size != x.size())
+      throw shape_error(detail::message(op, ": dx has ", dx_size, " values, expected [B, L, d_in] = ",
+                                        detail::shape(x.batch, x.length, input_dim())));
+    if (planner_->needs_losses(was_training_) && losses.empty())
+      throw value_error(detail::message(op, ": ", to_string(opt_.routing.estimator),
+                                        " needs each example's loss: call backward(dy, dx, losses) with B = ",
+                                        x.batch, " losses"));
+    if (!losses.empty() && losses.size() != x.batch)
+      throw shape_error(detail::message(op, ": example_losses has ", losses.size(), " values, expected B = ", x.batch));
+  }
+
+  /// Parameters may have changed: cached merged experts are no longer valid.
+  void touch() noexcept { ++version_; }
+  /// Whether a cache built at `version` from `table` is still valid for plan_.
+  bool cache_valid(std::uint64_t built_at, std::span<const T> table) const noexcept {
+    return built_at == version_ && std::equal(table.begin(), table.end(), plan_.table.begin(), plan_.table.end());
+  }
+
+  expert_bank<Expert, N> bank_;
+  smear::router<T> router_;
+  layer_options opt_;
+  bool residual_;
+  bool training_ = true, was_training_ = true;
+  rng gen_;
+  std::unique_ptr<planner<T>> planner_;
+  routing_plan<T> plan_;
+  tokens<const T> last_{};
+  bool pending_backward_ = false;
+  std::uint64_t version_ = 1;
+  std::size_t cache_builds_ = 0;
+
+ private:
+  template <class P>
+  P& planner_as(const char* error) const {
+    auto* p = dynamic_cast<P*>(planner_.get());
+    if (p == nullptr) throw state_error(error);
+    return *p;
+  }
+};
+
+}  // namespace smear
