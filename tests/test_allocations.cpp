@@ -195,7 +195,7 @@ TEST_CASE("layer: forward + backward allocate nothing after a warm-up") {
     CHECK(steady_state_allocations(block, 1, L, {}) == 0);
   }
   SUBCASE("every other strategy, training and inference") {
-    for (const char* name : {"ensemble", "st_gumbel", "reinforce", "dselect", "tag", "hash", "adamix",
+    for (const char* name : {"ensemble", "st_gumbel", "reinforce", "dselect", "switch", "tag", "hash", "adamix",
                              "latent_skills"}) {
       smear::strategy_options routing = smear::parse_strategy(name);
       routing.tasks = 4;  // latent skills: one row per tag

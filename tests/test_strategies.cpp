@@ -133,6 +133,19 @@ TEST_CASE("exact strategies: every gradient matches finite differences") {
                                              .dselect_unused_penalty = 0.7}}, 18};
     check_strategy_gradients(block, 19);
   }
+  SUBCASE("switch top-k: outputs scaled by p, renormalised or not, training and inference") {
+    for (bool renorm : {false, true})
+      for (std::size_t k : {std::size_t{1}, std::size_t{2}}) {
+        CAPTURE(renorm);
+        CAPTURE(k);
+        ref_layer<4> block{E{4, 2}, {.routing = {.strategy = strategy::top_k, .k = k,
+                                                 .estimator = estimator::switch_gate,
+                                                 .switch_renormalize = renorm}}, 23};
+        check_strategy_gradients(block, 24);
+        block.train(false);
+        check_strategy_gradients(block, 25);
+      }
+  }
   SUBCASE("lora experts in an ensemble") {
     rng gen{20};
     using LE = lora<double>;
@@ -186,6 +199,59 @@ TEST_CASE("straight-through Gumbel: the forward is the chosen expert, the backwa
   const auto grads = st.router().gradients();
   const std::vector<double> bias_grad(grads.end() - N, grads.end());
   CHECK(testing::relative_error(bias_grad, expected_bias_grad) < 1e-12);
+}
+
+TEST_CASE("switch: y = x + p_e·f(x; θ_e) for the most probable e, as the official code computes it") {
+  // The official code's top-1 "switch" routing: probs, e = softmax(z).max(-1); the chosen
+  // adapter's output times probs, plus the input; the router gets ∂ℓ/∂p_e = ⟨dy, f_e⟩.
+  constexpr std::size_t N = 3;
+  ref_layer<N> sw{E{4, 2}, {.router = {.layer_norm = false}, .routing = top1(estimator::switch_gate)}, 40};
+  rng gen{41};
+  randomise(sw, gen);
+  const std::vector<double> bias{0.3, -0.2, 0.9};
+  fix_router(sw, bias);  // p = softmax(bias) for every example: expert 2 chosen
+  const auto y = run(sw, 42);
+  std::vector<double> p(N);
+  double sum = 0;
+  for (std::size_t e = 0; e < N; ++e) sum += p[e] = std::exp(bias[e]);
+  for (auto& v : p) v /= sum;
+  rng gx{42};
+  const auto x = random_vector<double>(B * L * 4, gx);
+  // f_2(x) by hand from the bank's row 2: SiLU(x·W_d + b_d)·W_u
+  const auto th = sw.bank().values().row(2);
+  const double* wd = th.data();
+  const double* bd = wd + 4 * 2;
+  const double* wu = bd + 2;
+  std::vector<double> f(y.size(), 0.0);
+  for (std::size_t b = 0; b < B; ++b)
+    for (std::size_t t = 0; t < static_cast<std::size_t>(lengths[b]); ++t) {
+      const double* xr = x.data() + (b * L + t) * 4;
+      for (std::size_t j = 0; j < 2; ++j) {
+        double a = bd[j];
+        for (std::size_t i = 0; i < 4; ++i) a += xr[i] * wd[i * 2 + j];
+        a = a / (1 + std::exp(-a));
+        for (std::size_t o = 0; o < 4; ++o) f[(b * L + t) * 4 + o] += a * wu[j * 4 + o];
+      }
+    }
+  std::vector<double> expected(y.size(), 0.0);
+  for (std::size_t b = 0; b < B; ++b)
+    for (std::size_t i = 0; i < static_cast<std::size_t>(lengths[b]) * 4; ++i)
+      expected[b * L * 4 + i] = x[b * L * 4 + i] + p[2] * f[b * L * 4 + i];
+  CHECK(testing::relative_error(y, expected) < 1e-13);
+  for (std::size_t b = 0; b < B; ++b) CHECK(sw.choices()(b, 0) == 2);
+  // backward: ∂ℓ/∂bias = Σ_b p ⊙ (g_b − ⟨g_b, p⟩), g_b = ⟨dy_b, f_2(x_b)⟩ at expert 2
+  const auto dy = random_vector<double>(y.size(), gen);
+  std::vector<double> dx(y.size());
+  sw.zero_grad();
+  sw.backward(dy, dx);
+  std::vector<double> expected_bias_grad(N, 0.0);
+  for (std::size_t b = 0; b < B; ++b) {
+    double g = 0;
+    for (std::size_t i = 0; i < static_cast<std::size_t>(lengths[b]) * 4; ++i) g += dy[b * L * 4 + i] * f[b * L * 4 + i];
+    for (std::size_t e = 0; e < N; ++e) expected_bias_grad[e] += p[e] * ((e == 2 ? g : 0.0) - g * p[2]);
+  }
+  const auto grads = sw.router().gradients();
+  CHECK(testing::relative_error(std::vector<double>(grads.end() - N, grads.end()), expected_bias_grad) < 1e-12);
 }
 
 TEST_CASE("REINFORCE: the router's gradient is (loss − baseline)·∇log p") {
@@ -478,6 +544,7 @@ TEST_CASE("cpu equals reference for every strategy") {
   check_cpu_strategy<adapter<float>, 3>(af, {.strategy = strategy::top_k, .k = 2});
   check_cpu_strategy<adapter<float>, 3>(af, top1(estimator::reinforce));
   check_cpu_strategy<adapter<float>, 3>(af, top1(estimator::dselect));
+  check_cpu_strategy<adapter<float>, 3>(af, top1(estimator::switch_gate));
   check_cpu_strategy<adapter<double>, 5>(adapter<double>{6, 3}, top1(estimator::dselect));
   check_cpu_strategy<linear<double>, 4>(linear<double>{6, 4}, with(strategy::ensemble));
 }
@@ -551,6 +618,7 @@ TEST_CASE("learning: every strategy trains on four tasks that need different map
       {"st_gumbel", top1(estimator::st_gumbel)},
       {"reinforce", top1(estimator::reinforce)},
       {"dselect", top1(estimator::dselect)},
+      {"switch", top1(estimator::switch_gate)},
       {"adamix", with(strategy::adamix)},
       {"latent_skills", {.strategy = strategy::latent_skills, .tasks = 4}},
   };
@@ -570,6 +638,7 @@ TEST_CASE("strategy errors are clear and come before any work") {
   CHECK_THROWS_AS((layer<A, 4>{A{4, 2}, {.routing = {.strategy = strategy::latent_skills}}}), value_error);
   CHECK_THROWS_AS(parse_strategy("gumbel"), value_error);
   CHECK(parse_strategy("reinforce").estimator == estimator::reinforce);
+  CHECK(parse_strategy("switch").estimator == estimator::switch_gate);
 
   std::vector<float> x(2 * 3 * 4, 0.5f), y(x.size()), dx(x.size());
   auto xs = make_tokens<const float>(x.data(), 2, 3, 4);

@@ -12,5 +12,5 @@
 #include "smear/smear.hpp"
 #include "smear/backend/cuda/error.hpp"
 #include "smear/backend/cuda/context.hpp"
-#include "smear/backend/cuda/device_layer.hpp"
-#include "smear/backend/cuda/layer.hpp"
+#include "smear/cuda/device_layer.hpp"
+#include "smear/cuda/layer.hpp"

@@ -50,7 +50,7 @@ namespace smear {
 /// block.forward(smear::make_tokens(x.data(), B, L, 768, lengths), y);
 /// block.backward(dy, dx);   // accumulates into the parameters' gradients
 /// ```
-template <class Expert, std::size_t N, class Backend = default_backend>
+template <class Expert, std::size_t N, class Backend>
 class layer : public layer_core<Expert, N> {
   using core = layer_core<Expert, N>;
 

@@ -23,6 +23,11 @@
 
 namespace smear {
 
+/// The routing block of N experts run by `Backend`: smear/layer.hpp defines it for the host
+/// backends (reference, cpu), smear/cuda/layer.hpp for the cuda backend.
+template <class Expert, std::size_t N, class Backend = default_backend>
+class layer;
+
 template <class Expert, std::size_t N>
 class layer_core {
   static_assert(detail::diagnose_mergeable_expert<Expert>());

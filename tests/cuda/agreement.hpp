@@ -24,6 +24,7 @@ struct agreement_case {
   bool tags = false;         ///< pass random tags in 0..N-1 (tag routing)
   bool token_ids = false;    ///< pass random token ids (hash routing; otherwise example ids)
   bool losses = false;       ///< pass random per-example losses to backward (REINFORCE)
+  bool task_routing = false; ///< set_task_routing with a random [N, N] table on both layers
 };
 
 /// Runs `c.steps` forward/backward pairs of `ref` (reference backend) and `fast` (a
@@ -50,6 +51,16 @@ void check_agreement(Ref& ref, Fast& fast, Memory& mem, agreement_case c, std::u
   fast.train(c.train);
   ref.reseed(seed + 1);
   fast.reseed(seed + 1);
+  if (c.task_routing) {
+    std::vector<T> table(N * N);
+    for (std::size_t t = 0; t < N; ++t) {
+      T sum = 0;
+      for (std::size_t e = 0; e < N; ++e) sum += table[t * N + e] = static_cast<T>(0.1 + gen.uniform());
+      for (std::size_t e = 0; e < N; ++e) table[t * N + e] /= sum;
+    }
+    ref.set_task_routing({table.data(), N, N});
+    fast.set_task_routing({table.data(), N, N});
+  }
 
   const double tol = tolerance<T>() * std::sqrt(static_cast<double>(din + L * B + N));
   for (int step = 0; step < c.steps; ++step) {
@@ -104,15 +115,19 @@ void check_agreement(Ref& ref, Fast& fast, Memory& mem, agreement_case c, std::u
     CHECK(relative_error(dx1, dx0) < tol);
     CHECK(relative_error(flat(fast.bank().gradients()), flat(ref.bank().gradients())) < tol);
     CHECK(relative_error(fast.router().gradients(), ref.router().gradients()) < tol);
+    CHECK(fast.cache_builds() == ref.cache_builds());
     // the comparison is not vacuous: outputs and gradients carry signal
     double ymax = 0, gmax = 0;
     for (T v : y0) ymax = std::max(ymax, std::abs(static_cast<double>(v)));
     for (T v : ref.router().gradients()) gmax = std::max(gmax, std::abs(static_cast<double>(v)));
     CHECK(ymax > 1e-3);
-    // (top-k with REINFORCE or DSelect-k sends no gradient to the router at inference)
-    if (ref.uses_router() && (c.train || ref.strategy().strategy != strategy::top_k ||
-                              ref.strategy().estimator == estimator::st_gumbel))
-      CHECK(gmax > 1e-6);
+    // (top-k with REINFORCE or DSelect-k sends no gradient to the router at inference, nor
+    // does a fixed distribution per task)
+    const bool estimated = ref.strategy().strategy == strategy::top_k &&
+                           (ref.strategy().estimator == estimator::reinforce ||
+                            ref.strategy().estimator == estimator::dselect);
+    if (ref.uses_router() && (c.train || (!estimated && !c.task_routing))) CHECK(gmax > 1e-6);
+    if (c.task_routing && !c.train) CHECK(ref.cache_builds() > 0);
     if (ref.strategy().strategy == strategy::latent_skills) {
       CHECK(relative_error(flat(fast.skills().gradients()), flat(ref.skills().gradients())) < tol);
       double smax = 0;

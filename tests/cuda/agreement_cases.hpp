@@ -92,6 +92,20 @@ TEST_CASE(SMEAR_AGREEMENT_SUBJECT " equals the reference layer: ensemble, top-k,
     check<E, 3>(E{8, 2}, {.B = 4, .L = 3, .train = false}, 80,
                 {.routing = {.strategy = strategy_t::top_k, .estimator = estimator::dselect}});
   }
+  SUBCASE("top-k switch: outputs scaled by p, renormalised or not, at inference too") {
+    using strategy_t = smear::strategy;
+    const strategy_options sw{.strategy = strategy_t::top_k, .estimator = estimator::switch_gate};
+    check<E, 4>(E{9, 3}, {.B = 5, .L = 4}, 81, {.routing = sw});
+    auto renorm = sw;
+    renorm.k = 2;
+    renorm.switch_renormalize = true;
+    check<E, 5>(E{8, 2}, {.B = 4, .L = 3}, 82, {.routing = renorm});
+    check<E, 3>(E{8, 2}, {.B = 4, .L = 3, .train = false}, 83, {.routing = sw});
+  }
+  SUBCASE("smear with a fixed distribution per task at inference: the cached merged experts") {
+    check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .train = false, .steps = 3, .tags = true, .task_routing = true}, 84);
+    check<E, 3>(E{9, 3}, {.B = 5, .L = 3, .tags = true, .task_routing = true}, 85);  // training: the router
+  }
   SUBCASE("latent skills, training and inference") {
     const layer_options o{.routing = {.strategy = strategy::latent_skills, .tasks = 3}};
     check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .tags = true}, 66, o);

@@ -4,7 +4,7 @@
 
 #include <doctest/doctest.h>
 
-#include <smear/backend/cuda/device_layer.hpp>
+#include <smear/cuda/device_layer.hpp>
 #include <smear/backend/cuda/host_context.hpp>
 #include <smear/smear.hpp>
 

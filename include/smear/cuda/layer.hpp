@@ -1,5 +1,5 @@
 #pragma once
-/// \file backend/cuda/layer.hpp
+/// \file cuda/layer.hpp
 /// `smear::layer<Expert, N, smear::backend::cuda>`: the SMEAR block on an NVIDIA GPU, its
 /// parameters, activations and workspaces in device memory, its work enqueued on a
 /// caller-given stream (cuBLAS for the GEMMs, Thrust for the element-wise work). Needs a CUDA
@@ -11,9 +11,9 @@
 #include <cstdint>
 
 #include "smear/backend/cuda/context.hpp"
-#include "smear/backend/cuda/device_layer.hpp"
+#include "smear/cuda/device_layer.hpp"
 #include "smear/backend/tags.hpp"
-#include "smear/layer.hpp"
+#include "smear/layer_core.hpp"
 
 namespace smear {
 
@@ -23,10 +23,12 @@ namespace smear {
 ///   on the layer's stream, so synchronise the stream before reading results on the host;
 /// - bank() and router() are host mirrors: download() refreshes them from the device and
 ///   upload() sends changed values back; device_bank_values() etc. view the device copies;
-/// - routing() downloads [B, N] (waits for the stream); device_routing() views it on the device.
-/// - every strategy of smear::layer; the small per-example decisions (Gumbel samples,
-///   REINFORCE, DSelect-k's gates, latent skills) are made on the host from B×N values copied
-///   back, and skills() and baseline() live on the host.
+/// - routing() and choices() of smear and the ensemble download [B, N] (they wait for the
+///   stream);
+/// - every strategy of smear::layer, planned by the same planner (smear/routing/): the small
+///   per-example decisions (Gumbel samples, REINFORCE, DSelect-k's gates, switch) are made on the
+///   host from the B×N logits and probabilities copied back, and skills() and baseline() live
+///   on the host; set_task_routing() and the inference cache work as on the host.
 ///
 /// Example:
 /// ```
