@@ -11,7 +11,6 @@
 #include "support/testing.hpp"
 
 using namespace smear;
-using smear::testing::check_gradient;
 using smear::testing::random_vector;
 
 namespace {
@@ -33,33 +32,10 @@ void randomise(Layer& block, rng& gen, double scale = 0.3) {
     for (auto& v : p.value) v = static_cast<typename Layer::value_type>(scale * gen.normal());
 }
 
-/// Checks every gradient of `block` (each tensor of parameters() but the learned baseline's,
-/// and the input) against central differences of ℓ = Σ w ⊙ y + auxiliary_loss(). The layer
-/// is reseeded before each forward, so every sampled decision repeats.
+/// Checks every gradient of `block` against central differences (smear::testing::check_layer).
 template <class Layer>
 void check_strategy_gradients(Layer& block, std::uint64_t seed, route_inputs in = {}) {
-  rng gen{seed};
-  const std::size_t din = block.input_dim(), dout = block.output_dim();
-  auto x = random_vector<double>(B * L * din, gen);
-  const auto w = random_vector<double>(B * L * dout, gen);
-  randomise(block, gen, 0.5);
-  std::vector<double> y(B * L * dout), dx(x.size());
-  auto xs = make_tokens<const double>(x.data(), B, L, din, lengths);
-  auto loss = [&] {
-    block.invalidate_cache();  // parameters are written through spans held from before
-    block.reseed(seed);
-    block.forward(xs, y, in);
-    return testing::weighted_sum(y, w) + block.auxiliary_loss();
-  };
-  loss();
-  block.zero_grad();
-  block.backward(w, dx);
-  for (auto& p : block.parameters()) {
-    if (p.name.starts_with("baseline.")) continue;
-    const std::vector<double> analytic(p.grad.begin(), p.grad.end());
-    check_gradient(p.name, p.value, analytic, loss);
-  }
-  check_gradient("input", x, dx, loss);
+  testing::check_reports(testing::check_layer(block, B, L, lengths, seed, in));
 }
 
 /// forward on fixed random data; returns y.

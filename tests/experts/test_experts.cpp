@@ -8,7 +8,6 @@
 #include "../support/testing.hpp"
 
 using namespace smear;
-using smear::testing::check_gradient;
 using smear::testing::random_vector;
 
 namespace {
@@ -16,27 +15,7 @@ namespace {
 /// Finite-difference check of an expert's parameter and input gradients on `rows` rows.
 template <class E>
 void check_expert_backward(const E& e, std::size_t rows, std::uint64_t seed) {
-  rng gen{seed};
-  auto params = random_vector<double>(e.parameter_count(), gen, 0.5);
-  auto x = random_vector<double>(rows * e.input_dim(), gen);
-  const auto w = random_vector<double>(rows * e.output_dim(), gen);
-  std::vector<double> y(rows * e.output_dim()), saved(e.saved_size(rows));
-  auto loss = [&] {
-    e.forward(backend::reference{}, std::span<const double>(params),
-              matrix_ref<const double>{x.data(), rows, e.input_dim()},
-              matrix_ref<double>{y.data(), rows, e.output_dim()}, std::span<double>(saved));
-    return testing::weighted_sum(y, w);
-  };
-  loss();
-  std::vector<double> dparams(e.parameter_count(), 99.0), dx(x.size(), 99.0),
-      scratch(e.scratch_size(rows));
-  e.backward(backend::reference{}, std::span<const double>(params),
-             matrix_ref<const double>{x.data(), rows, e.input_dim()},
-             std::span<const double>(saved), matrix_ref<const double>{w.data(), rows, e.output_dim()},
-             matrix_ref<double>{dx.data(), rows, e.input_dim()}, std::span<double>(dparams),
-             std::span<double>(scratch));
-  check_gradient("parameters", params, dparams, loss);
-  check_gradient("input", x, dx, loss);
+  testing::check_reports(testing::check_expert(e, rows, seed));
 }
 
 /// The cpu backend's forward and backward equal the reference backend's, in float.
@@ -184,4 +163,36 @@ TEST_CASE("experts reject empty dimensions") {
   CHECK_THROWS_AS(adapter<float>(0, 4), value_error);
   CHECK_THROWS_AS(linear<float>(3, 0), value_error);
   CHECK_THROWS_AS(lora<float>(3, 3, 0), value_error);
+}
+
+namespace {
+
+/// An adapter whose backward is wrong by 1% in one parameter: the public checker must see it.
+struct wrong_adapter : adapter<double> {
+  using adapter<double>::adapter;
+  template <class Backend>
+  void backward(Backend be, std::span<const double> p, matrix_ref<const double> x, std::span<const double> saved,
+                matrix_ref<const double> dy, matrix_ref<double> dx, std::span<double> dp,
+                std::span<double> scratch) const {
+    adapter<double>::backward(be, p, x, saved, dy, dx, dp, scratch);
+    dp[3] *= 1.01;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("smear::testing::check_expert and check_layer report a wrong gradient") {
+  const auto good = testing::check_expert(adapter<double>{5, 3}, 4, 1);
+  REQUIRE(good.size() == 2);
+  CHECK(good[0].worst < 1e-6);
+  const auto bad = testing::check_expert(wrong_adapter{5, 3}, 4, 1);
+  CHECK(bad[0].what == "parameters");
+  CHECK(bad[0].index == 3);
+  CHECK(bad[0].worst > 1e-3);
+  CHECK(bad[1].worst < 1e-6);  // the input gradient is right
+  layer<wrong_adapter, 2, backend::reference> block{wrong_adapter{5, 3}, {}, 2};
+  const std::vector<std::int32_t> lengths{3, 1};
+  const auto reports = testing::check_layer(block, 2, 3, lengths, 3);
+  CHECK(reports.front().what == "experts");
+  CHECK(reports.front().worst > 1e-3);
 }

@@ -1,6 +1,7 @@
 #pragma once
-// Shared test helpers: random tensors, tolerances scaled to the element type, and the one
-// finite-difference gradient checker every backward pass in smear is tested with.
+// Shared test helpers: tolerances scaled to the element type, and doctest checks over the
+// reports of smear/testing.hpp, the public finite-difference checker every backward pass in
+// smear is tested with.
 
 #include <doctest/doctest.h>
 
@@ -13,14 +14,17 @@
 #include <vector>
 
 #include "smear/random.hpp"
+#include "smear/testing.hpp"
 
 namespace smear::testing {
 
-template <class T>
-std::vector<T> random_vector(std::size_t n, rng& gen, double scale = 1.0) {
-  std::vector<T> v(n);
-  for (auto& x : v) x = static_cast<T>(scale * gen.normal());
-  return v;
+/// CHECKs that every report's worst error is below `tol`, naming the tensor and the index.
+inline void check_reports(const std::vector<gradient_report>& reports, double tol = 1e-5) {
+  for (const auto& r : reports) {
+    INFO(r.what << ": worst relative error " << r.worst << " at index " << r.index << " (numeric " << r.numeric
+                << ", analytic " << r.analytic << ")");
+    CHECK(r.worst < tol);
+  }
 }
 
 /// Relative tolerance for comparing two computations of the same value in T.
@@ -42,29 +46,11 @@ double relative_error(const A& a, const B& b) {
 }
 
 /// Checks an analytic gradient against central differences of `loss` in every coordinate
-/// of `x` (changed in place and restored). `loss` must recompute everything from `x`.
-inline void check_gradient(const std::string& what, std::span<double> x,
-                           std::span<const double> analytic, const std::function<double()>& loss,
-                           double h = 1e-5, double tol = 1e-5) {
+/// of `x` (smear::testing::compare_gradient).
+inline void check_gradient(const std::string& what, std::span<double> x, std::span<const double> analytic,
+                           const std::function<double()>& loss, double h = 1e-5, double tol = 1e-5) {
   REQUIRE(x.size() == analytic.size());
-  double worst = 0;
-  std::size_t worst_i = 0;
-  for (std::size_t i = 0; i < x.size(); ++i) {
-    const double saved = x[i];
-    x[i] = saved + h;
-    const double up = loss();
-    x[i] = saved - h;
-    const double down = loss();
-    x[i] = saved;
-    const double numeric = (up - down) / (2 * h);
-    const double err = std::abs(numeric - analytic[i]) / (std::abs(numeric) + std::abs(analytic[i]) + 1e-3);
-    if (err > worst) {
-      worst = err;
-      worst_i = i;
-    }
-  }
-  INFO(what << ": worst relative error " << worst << " at index " << worst_i);
-  CHECK(worst < tol);
+  check_reports({compare_gradient(what, x, analytic, loss, h)}, tol);
 }
 
 /// ℓ = Σ w ⊙ y, a loss whose gradient ∂ℓ/∂y = w is known.
