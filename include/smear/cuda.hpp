@@ -14,3 +14,4 @@
 #include "smear/backend/cuda/context.hpp"
 #include "smear/cuda/device_layer.hpp"
 #include "smear/cuda/layer.hpp"
+#include "smear/cuda/optimizers.hpp"

@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "smear/error.hpp"
+
 namespace smear {
 
 /// Values and gradient of one trainable tensor (spans into the owner's storage, which must
@@ -17,7 +19,21 @@ struct parameter {
   std::span<T> value;
   std::span<T> grad;
   bool decay = true;  ///< false for biases and normalisation gains, as usual
+  bool on_device = false;  ///< value and grad are in a GPU context's memory (the cuda layer's
+                           ///< bank and router): only smear::device optimisers step them
 };
+
+namespace detail {
+
+/// Throws value_error when a host optimiser is given a parameter in device memory.
+template <class T>
+void require_host(const parameter<T>& p, const char* optimiser) {
+  if (p.on_device)
+    throw value_error(message(optimiser, ": parameter '", p.name, "' is in device memory; step the cuda layer's ",
+                              "parameters with smear::device::", optimiser, " (smear/cuda/optimizers.hpp)"));
+}
+
+}  // namespace detail
 
 template <class T>
 using parameter_list = std::vector<parameter<T>>;

@@ -6,6 +6,7 @@
 
 #include <smear/cuda/device_layer.hpp>
 #include <smear/backend/cuda/host_context.hpp>
+#include <smear/cuda/optimizers.hpp>
 #include <smear/smear.hpp>
 
 #include "agreement.hpp"
@@ -97,4 +98,71 @@ TEST_CASE("cuda layer in checked mode reports a non-finite input") {
   x[9] = std::nanf("");
   CHECK_THROWS_WITH_AS(block.forward(make_tokens<const float>(x.data(), 2, 2, 4), y),
                        doctest::Contains("x holds nan at flat index 9"), numeric_error);
+}
+
+namespace {
+
+/// Trains a reference layer with `HostOpt` and the cuda algorithm with `DeviceOpt` for a few
+/// steps by the same loop, and compares every parameter afterwards.
+template <class HostOpt, class DeviceOpt, class Options>
+void check_training(layer_options opt, const Options& o, route_inputs in = {}) {
+  using E = adapter<float>;
+  constexpr std::size_t N = 3, B = 4, L = 3, d = 6;
+  layer<E, N, backend::reference> ref{E{d, 2}, opt, 9};
+  host_layer<E, N> fast{E{d, 2}, opt, 9};
+  auto ref_params = ref.parameters();
+  auto fast_params = fast.parameters();
+  REQUIRE(ref_params.size() == fast_params.size());
+  for (std::size_t i = 0; i < ref_params.size(); ++i) {
+    CHECK(ref_params[i].name == fast_params[i].name);
+    CHECK(fast_params[i].on_device == (ref_params[i].name.starts_with("experts") ||
+                                       ref_params[i].name.starts_with("router.")));
+  }
+  const std::vector<float> start(ref_params[0].value.begin(), ref_params[0].value.end());
+  HostOpt a{ref_params, o};
+  DeviceOpt b{fast_params, o, fast.context()};
+  rng gen{10};
+  const std::vector<std::int32_t> lengths{3, 1, 2, 3};
+  for (int step = 0; step < 3; ++step) {
+    const auto x = random_vector<float>(B * L * d, gen), dy = random_vector<float>(B * L * d, gen);
+    std::vector<float> y(x.size()), dx(x.size()), y2(x.size()), dx2(x.size());
+    ref.forward(make_tokens<const float>(x.data(), B, L, d, lengths), y, in);
+    ref.backward(dy, dx);
+    a.step();
+    a.zero_grad();
+    fast.forward(make_tokens<const float>(x.data(), B, L, d, lengths), y2, in);
+    fast.backward(dy, dx2);
+    b.step();
+    b.zero_grad();
+  }
+  fast.download();
+  for (std::size_t i = 0; i < ref_params.size(); ++i) {
+    INFO(ref_params[i].name);
+    CHECK(testing::relative_error(fast_params[i].value, ref_params[i].value) < 1e-5);
+    for (float g : fast_params[i].grad) CHECK(g == 0.0f);  // zero_grad reached the device
+  }
+  CHECK(testing::relative_error(ref_params[0].value, start) > 1e-4);  // the experts did move
+  auto a0 = ref.bank().values(), a1 = fast.bank().values();
+  CHECK(testing::relative_error(std::vector<float>(a1.data, a1.data + a1.rows * a1.cols),
+                                std::vector<float>(a0.data, a0.data + a0.rows * a0.cols)) < 1e-5);
+}
+
+}  // namespace
+
+TEST_CASE("cuda algorithm on the host: one training loop, the same code as on the host") {
+  const std::int32_t tags[4] = {0, 2, 1, 0};
+  SUBCASE("adamw, smear") {
+    check_training<smear::adamw<float>, device::adamw<float, device::host_context>>({}, adamw_options{.lr = 1e-2});
+  }
+  SUBCASE("sgd with Nesterov momentum, latent skills (the allocation is a host tensor)") {
+    check_training<smear::sgd<float>, device::sgd<float, device::host_context>>(
+        {.routing = {.strategy = strategy::latent_skills, .tasks = 3}},
+        sgd_options{.lr = 0.05, .momentum = 0.9, .nesterov = true}, {.tags = tags});
+  }
+  SUBCASE("host optimisers refuse device tensors") {
+    host_layer<adapter<float>, 2> block{adapter<float>{4, 2}, {}, 1};
+    CHECK_THROWS_WITH_AS(smear::adamw<float>{block.parameters()},
+                         doctest::Contains("parameter 'experts' is in device memory"), value_error);
+    CHECK_THROWS_AS(smear::sgd<float>{block.parameters()}, value_error);
+  }
 }

@@ -98,6 +98,19 @@ class device_layer : public layer_core<Expert, N> {
     ctx_->to_host(this->router_.gradients().data(), static_cast<const T*>(router_dev_.gradients()), router_size(), op);
   }
 
+  /// Every trainable tensor, as smear::layer::parameters() names them: the bank and the router
+  /// in the context's memory (on_device), the planner's own (skills, learned baseline) on the
+  /// host. Step them with smear::device::adamw / sgd (smear/cuda/optimizers.hpp).
+  parameter_list<T> parameters() {
+    this->touch();
+    parameter_list<T> out;
+    out.push_back({"experts", {bank_values_.data(), N * P()}, {bank_grads_.data(), N * P()}, true, true});
+    if (this->uses_router())
+      this->router_.append_parameters(out, "router.", device_router_values(), device_router_gradients(), true);
+    this->planner_->append_parameters(out);
+    return out;
+  }
+
   /// Sets every gradient to zero (on the device, and the planner's on the host).
   void zero_grad() {
     this->planner_->zero_grad();

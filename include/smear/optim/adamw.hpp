@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "smear/error.hpp"
+#include "smear/host_device.hpp"
 #include "smear/parameter.hpp"
 
 namespace smear {
@@ -17,6 +18,18 @@ struct adamw_options {
   double beta2 = 0.999;
   double eps = 1e-8;
   double weight_decay = 0.01;  ///< θ ← θ − lr·λ·θ, only for parameters with `decay`
+};
+
+/// One AdamW step of one value, for step t's constants: the update every AdamW runs (host
+/// loops, the device optimiser's kernel).
+template <class T>
+struct adamw_update {
+  T b1, b2, step, rc2, eps, decay;
+  SMEAR_HOST_DEVICE void operator()(T& value, T g, T& m, T& v) const {
+    m = b1 * m + (T(1) - b1) * g;
+    v = b2 * v + (T(1) - b2) * g * g;
+    value = value * decay - step * m / (detail::sqrt_of(v) * rc2 + eps);
+  }
 };
 
 /// m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²; θ ← θ − lr·(λθ + m̂ / (√v̂ + ε)).
@@ -33,6 +46,7 @@ class adamw {
                                         opt_.beta2));
     if (!(opt_.eps > 0.0)) throw value_error(detail::message("adamw: eps must be > 0, got ", opt_.eps));
     for (const auto& p : params_) {
+      detail::require_host(p, "adamw");
       if (p.value.size() != p.grad.size())
         throw shape_error(detail::message("adamw: parameter '", p.name, "' has ", p.value.size(),
                                           " values but ", p.grad.size(), " gradients"));
@@ -43,23 +57,20 @@ class adamw {
 
   void step() {
     ++t_;
-    const double c1 = 1.0 - std::pow(opt_.beta1, static_cast<double>(t_));
-    const double c2 = 1.0 - std::pow(opt_.beta2, static_cast<double>(t_));
-    const T b1 = static_cast<T>(opt_.beta1), b2 = static_cast<T>(opt_.beta2);
-    const T step = static_cast<T>(opt_.lr / c1), rc2 = static_cast<T>(1.0 / std::sqrt(c2));
-    const T eps = static_cast<T>(opt_.eps);
     for (std::size_t i = 0; i < params_.size(); ++i) {
       auto& p = params_[i];
-      const T decay = p.decay ? static_cast<T>(1.0 - opt_.lr * opt_.weight_decay) : T(1);
-      auto& m = m_[i];
-      auto& v = v_[i];
-      for (std::size_t j = 0; j < p.value.size(); ++j) {
-        const T g = p.grad[j];
-        m[j] = b1 * m[j] + (T(1) - b1) * g;
-        v[j] = b2 * v[j] + (T(1) - b2) * g * g;
-        p.value[j] = p.value[j] * decay - step * m[j] / (std::sqrt(v[j]) * rc2 + eps);
-      }
+      const auto update = update_for(opt_, t_, p.decay);
+      for (std::size_t j = 0; j < p.value.size(); ++j) update(p.value[j], p.grad[j], m_[i][j], v_[i][j]);
     }
+  }
+
+  /// The update of step t (counted from 1) for a parameter with or without weight decay.
+  static adamw_update<T> update_for(const adamw_options& o, std::size_t t, bool decay) {
+    const double c1 = 1.0 - std::pow(o.beta1, static_cast<double>(t));
+    const double c2 = 1.0 - std::pow(o.beta2, static_cast<double>(t));
+    return {static_cast<T>(o.beta1), static_cast<T>(o.beta2), static_cast<T>(o.lr / c1),
+            static_cast<T>(1.0 / std::sqrt(c2)), static_cast<T>(o.eps),
+            decay ? static_cast<T>(1.0 - o.lr * o.weight_decay) : T(1)};
   }
 
   void zero_grad() {

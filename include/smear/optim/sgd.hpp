@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "smear/error.hpp"
+#include "smear/host_device.hpp"
 #include "smear/parameter.hpp"
 
 namespace smear {
@@ -15,6 +16,18 @@ struct sgd_options {
   double momentum = 0.9;
   double weight_decay = 0.0;  ///< added to the gradient as weight_decay·θ, where `decay` is set
   bool nesterov = false;
+};
+
+/// One SGD step of one value: the update every SGD runs (host loops, the device optimiser's kernel).
+template <class T>
+struct sgd_update {
+  T lr, mu, wd;
+  bool nesterov;
+  SMEAR_HOST_DEVICE void operator()(T& value, T grad, T& v) const {
+    const T g = grad + wd * value;
+    v = mu * v + g;
+    value -= lr * (nesterov ? g + mu * v : v);
+  }
 };
 
 /// v ← μ·v + g (+ λ·θ);  θ ← θ − lr·v  (or − lr·(g + μ·v) with Nesterov).
@@ -29,6 +42,7 @@ class sgd {
     if (!(opt_.momentum >= 0.0 && opt_.momentum < 1.0))
       throw value_error(detail::message("sgd: momentum must be in [0, 1), got ", opt_.momentum));
     for (const auto& p : params_) {
+      detail::require_host(p, "sgd");
       if (p.value.size() != p.grad.size())
         throw shape_error(detail::message("sgd: parameter '", p.name, "' has ", p.value.size(),
                                           " values but ", p.grad.size(), " gradients"));
@@ -37,17 +51,17 @@ class sgd {
   }
 
   void step() {
-    const T lr = static_cast<T>(opt_.lr), mu = static_cast<T>(opt_.momentum);
     for (std::size_t i = 0; i < params_.size(); ++i) {
       auto& p = params_[i];
-      const T wd = p.decay ? static_cast<T>(opt_.weight_decay) : T(0);
-      auto& v = velocity_[i];
-      for (std::size_t j = 0; j < p.value.size(); ++j) {
-        const T g = p.grad[j] + wd * p.value[j];
-        v[j] = mu * v[j] + g;
-        p.value[j] -= lr * (opt_.nesterov ? g + mu * v[j] : v[j]);
-      }
+      const auto update = update_for(opt_, p.decay);
+      for (std::size_t j = 0; j < p.value.size(); ++j) update(p.value[j], p.grad[j], velocity_[i][j]);
     }
+  }
+
+  /// The update for a parameter with or without weight decay.
+  static sgd_update<T> update_for(const sgd_options& o, bool decay) {
+    return {static_cast<T>(o.lr), static_cast<T>(o.momentum), decay ? static_cast<T>(o.weight_decay) : T(0),
+            o.nesterov};
   }
 
   void zero_grad() {

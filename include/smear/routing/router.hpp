@@ -96,9 +96,14 @@ class router {
 
   /// Appends this router's tensors to an optimiser's list (decay on the weight only).
   void append_parameters(parameter_list<T>& out, const std::string& prefix) {
+    append_parameters(out, prefix, values_, grads_, false);
+  }
+  /// The same for a copy of the parameters laid out like this router's (a device's).
+  void append_parameters(parameter_list<T>& out, const std::string& prefix, std::span<T> values,
+                         std::span<T> grads, bool on_device) const {
     for (const auto& s : layout_)
-      out.push_back({prefix + s.name, std::span<T>(values_).subspan(s.offset, s.size()),
-                     std::span<T>(grads_).subspan(s.offset, s.size()), s.name == "weight"});
+      out.push_back({prefix + s.name, values.subspan(s.offset, s.size()), grads.subspan(s.offset, s.size()),
+                     s.name == "weight", on_device});
   }
 
   /// Routing probabilities of the last forward, after dropout: [B, N].

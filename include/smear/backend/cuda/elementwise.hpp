@@ -22,12 +22,7 @@
 #include <math.h>
 
 #include "smear/activation.hpp"
-
-#if defined(__CUDACC__)
-#define SMEAR_HOST_DEVICE __host__ __device__
-#else
-#define SMEAR_HOST_DEVICE
-#endif
+#include "smear/host_device.hpp"
 
 namespace smear::device::detail {
 
@@ -35,8 +30,6 @@ SMEAR_HOST_DEVICE inline float exp_(float x) { return ::expf(x); }
 SMEAR_HOST_DEVICE inline double exp_(double x) { return ::exp(x); }
 SMEAR_HOST_DEVICE inline float tanh_(float x) { return ::tanhf(x); }
 SMEAR_HOST_DEVICE inline double tanh_(double x) { return ::tanh(x); }
-SMEAR_HOST_DEVICE inline float sqrt_(float x) { return ::sqrtf(x); }
-SMEAR_HOST_DEVICE inline double sqrt_(double x) { return ::sqrt(x); }
 
 /// act(x), the same formulas as smear::detail::activate.
 template <class T>
@@ -145,7 +138,7 @@ struct normalize_fn {
   T eps;
   SMEAR_HOST_DEVICE void operator()(std::size_t i) const {
     const std::size_t b = i / d, j = i % d;
-    const T r = T(1) / sqrt_(var[b] + eps);
+    const T r = T(1) / smear::detail::sqrt_of(var[b] + eps);
     const T n = centered[i] * r;
     normed[i] = n;
     features[i] = n * gain[j] + shift[j];
