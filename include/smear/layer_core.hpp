@@ -6,6 +6,7 @@
 /// forward, and the checks at the public entry points. A backend's layer (smear::layer, the
 /// cuda layer) derives from it and only executes plans.
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>

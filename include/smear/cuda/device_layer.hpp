@@ -127,7 +127,7 @@ class device_layer : public layer_core<Expert, N> {
       routing_host_.resize(p.batch * N);
       ctx_->to_host(routing_host_.data(), router_dev_.probabilities(), p.batch * N,
                     "smear cuda layer: download of the routing");
-      detail_argmax();
+      smear::detail::argmax_rows<T>(matrix_ref<const T>{routing_host_.data(), p.batch, N}, this->plan_.choices);
       routing_valid_ = true;
     }
     return {routing_host_.data(), p.batch, N};
@@ -252,12 +252,6 @@ class device_layer : public layer_core<Expert, N> {
  private:
   std::size_t P() const noexcept { return this->bank_.parameter_count(); }
   std::size_t router_size() const noexcept { return this->router_.values().size(); }
-
-  /// The by-router choices: the most probable expert of each downloaded routing row.
-  void detail_argmax() {
-    smear::detail::argmax_rows<T>(matrix_ref<const T>{routing_host_.data(), this->plan_.batch, N},
-                                  this->plan_.choices);
-  }
 
   matrix_ref<const T> download(const T* from, std::size_t rows, std::size_t cols, std::vector<T>& to, const char* op) {
     to.resize(rows * cols);

@@ -5,9 +5,9 @@
 /// r_e = Π_i (bit_i(e) ? g_i : 1 − g_i); the codes sum to 1, codes ≥ N are unused.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
-#include <array>
 #include <span>
 #include <vector>
 

@@ -6,7 +6,6 @@
 /// over one example's N values, run by the planners on the router's logits.
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>

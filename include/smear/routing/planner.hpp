@@ -9,12 +9,15 @@
 ///
 /// Each strategy is one class under routing/, registered in routing/planners.hpp.
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string_view>
 #include <vector>
 
+#include "smear/error.hpp"
 #include "smear/parameter.hpp"
 #include "smear/random.hpp"
 #include "smear/routing/plan.hpp"
