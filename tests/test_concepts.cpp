@@ -21,16 +21,15 @@ static_assert(is_residual_expert<adapter<float>>);
 static_assert(!is_residual_expert<lora<float>> && !is_residual_expert<linear<float>>);
 static_assert(!is_residual_expert<archetypes::mergeable_expert<float>>);
 // the optional flags: absent or false is false, true is true
-static_assert(is_in_place_expert<adapter<float>> && !is_in_place_expert<lora<float>>);
 static_assert(is_row_wise_expert<adapter<float>> && is_row_wise_expert<lora<double>> && is_row_wise_expert<linear<float>>);
-static_assert(!is_row_wise_expert<conv_adapter<float>> && !is_in_place_expert<archetypes::mergeable_expert<float>>);
+static_assert(!is_row_wise_expert<conv_adapter<float>> && !is_row_wise_expert<archetypes::mergeable_expert<float>>);
 namespace {
 struct flags_false : adapter<float> {
-  static constexpr bool residual = false, backward_in_place = false, row_wise = false;
+  static constexpr bool residual = false, row_wise = false;
   using adapter::adapter;
 };
 }  // namespace
-static_assert(!is_residual_expert<flags_false> && !is_in_place_expert<flags_false> && !is_row_wise_expert<flags_false>);
+static_assert(!is_residual_expert<flags_false> && !is_row_wise_expert<flags_false>);
 
 namespace {
 struct int_expert {  // value_type must be float or double
@@ -38,6 +37,16 @@ struct int_expert {  // value_type must be float or double
 };
 }  // namespace
 static_assert(!expert<int_expert>);
+
+// the host kernel set (smear/backend_concepts.hpp): the shipped backends and any tag deriving
+// from reference have it; an unrelated tag has none
+static_assert(host_kernel_set<backend::reference, float> && host_kernel_set<backend::cpu, double>);
+namespace {
+struct derived_backend : backend::cpu {};
+struct unrelated_backend {};
+}  // namespace
+static_assert(host_kernel_set<derived_backend, float>);
+static_assert(!host_kernel_set<unrelated_backend, float>);
 
 TEST_CASE_TEMPLATE("every algorithm runs with the mergeable archetype", T, float, double) {
   using E = archetypes::mergeable_expert<T>;

@@ -19,43 +19,20 @@ struct problem {
   std::vector<std::int32_t> lengths;
 };
 
-/// Checks every gradient of a layer (experts, router, input) by central differences of
-/// ℓ = Σ w ⊙ y. The layer is reseeded before each forward, so expert dropout draws the same
-/// experts every time.
+/// With a detached router input, ∂ℓ/∂x is the expert path alone, the routing held fixed, which
+/// central differences of the whole loss do not see. Hold the routing fixed by running each
+/// example through a layer with a constant router (weight 0, bias log p_b) and differentiate
+/// that.
 template <class Expert, std::size_t N>
-void check_layer_gradients(layer<Expert, N, backend::reference>& block, const problem& pr,
-                           std::uint64_t seed) {
+void check_detached_input(layer<Expert, N, backend::reference>& block, const problem& pr, std::uint64_t seed) {
   rng gen{seed};
   const std::size_t din = block.input_dim(), dout = block.output_dim();
   auto x = random_vector<double>(pr.B * pr.L * din, gen);
   const auto w = random_vector<double>(pr.B * pr.L * dout, gen);
-  // random (not freshly initialised) parameters, so every path carries signal
-  for (auto& v : std::span<double>(block.bank().values().data, N * block.bank().parameter_count()))
-    v = 0.3 * gen.normal();
-  for (auto& v : block.router().values()) v = 0.5 * gen.normal();
   std::vector<double> y(pr.B * pr.L * dout), dx(x.size());
-  auto xs = make_tokens<const double>(x.data(), pr.B, pr.L, din, pr.lengths);
-  auto loss = [&] {
-    block.reseed(seed);
-    block.forward(xs, y);
-    return testing::weighted_sum(y, w);
-  };
-  loss();
-  block.zero_grad();
+  block.reseed(seed);
+  block.forward(make_tokens<const double>(x.data(), pr.B, pr.L, din, pr.lengths), y);
   block.backward(w, dx);
-  const auto bank_grad = std::vector<double>(block.bank().gradients().data,
-                                             block.bank().gradients().data + N * block.bank().parameter_count());
-  const auto router_grad =
-      std::vector<double>(block.router().gradients().begin(), block.router().gradients().end());
-  check_gradient("experts", {block.bank().values().data, bank_grad.size()}, bank_grad, loss);
-  check_gradient("router", block.router().values(), router_grad, loss);
-  if (!block.router().options().detach_input) {
-    check_gradient("input", x, dx, loss);
-    return;
-  }
-  // Detached: ∂ℓ/∂x is the expert path alone, the routing held fixed. Hold it fixed by routing
-  // each example with a constant router (weight 0, bias log p_b) and differentiate that.
-  loss();  // the routing at the unperturbed input
   for (std::size_t b = 0; b < pr.B; ++b) {
     layer<Expert, N, backend::reference> fixed{block.expert(), {.router = {.layer_norm = false}}};
     std::copy_n(block.bank().values().data, N * block.bank().parameter_count(), fixed.bank().values().data);
@@ -73,6 +50,19 @@ void check_layer_gradients(layer<Expert, N, backend::reference>& block, const pr
     check_gradient("input, routing held fixed", xb,
                    std::span<const double>(dx.data() + b * pr.L * din, pr.L * din), loss_b);
   }
+}
+
+/// Every gradient of a layer (each parameter tensor and the input) against central
+/// differences, through the public checker smear::testing::check_layer.
+template <class Expert, std::size_t N>
+void check_layer_gradients(layer<Expert, N, backend::reference>& block, const problem& pr, std::uint64_t seed) {
+  auto reports = testing::check_layer(block, pr.B, pr.L, pr.lengths, seed);
+  if (block.router().options().detach_input) {
+    REQUIRE(reports.back().what == "input");
+    reports.pop_back();
+    check_detached_input(block, pr, seed + 1);
+  }
+  testing::check_reports(reports);
 }
 
 const problem ragged{3, 4, {4, 2, 3}};
@@ -121,60 +111,6 @@ TEST_CASE("layer gradients match finite differences") {
         archetypes::mergeable_expert<double>{4}, {}, 16};
     check_layer_gradients(block, ragged, 17);
   }
-}
-
-namespace {
-
-/// Runs forward + backward of a reference and a cpu layer with the same parameters and
-/// compares outputs and every gradient.
-template <class Expert, std::size_t N>
-void check_cpu_layer(const Expert& proto, std::size_t B, std::size_t L, std::uint64_t seed,
-                     layer_options opt = {}) {
-  using T = typename Expert::value_type;
-  layer<Expert, N, backend::reference> ref{proto, opt, seed};
-  layer<Expert, N, backend::cpu> fast{proto, opt, seed};
-  rng gen{seed};
-  std::vector<std::int32_t> lengths(B);
-  for (auto& l : lengths) l = static_cast<std::int32_t>(1 + gen.below(L));
-  const auto x = random_vector<T>(B * L * proto.input_dim(), gen);
-  const auto dy = random_vector<T>(B * L * proto.output_dim(), gen);
-  // make the router's decision non-trivial
-  for (auto& v : ref.router().values()) v = static_cast<T>(0.5 * gen.normal());
-  std::copy(ref.router().values().begin(), ref.router().values().end(), fast.router().values().begin());
-  std::vector<T> y0(dy.size()), y1(dy.size()), dx0(x.size()), dx1(x.size());
-  auto xs = make_tokens<const T>(x.data(), B, L, proto.input_dim(), lengths);
-  ref.reseed(seed);
-  fast.reseed(seed);
-  ref.forward(xs, y0);
-  fast.forward(xs, y1);
-  ref.backward(dy, dx0);
-  fast.backward(dy, dx1);
-  const double tol = testing::tolerance<T>() * std::sqrt(static_cast<double>(proto.input_dim() + L * B));
-  auto flat = [](auto m) { return std::vector<T>(m.data, m.data + m.rows * m.cols); };
-  CHECK(testing::relative_error(flat(fast.routing()), flat(ref.routing())) < tol);
-  CHECK(testing::relative_error(y1, y0) < tol);
-  CHECK(testing::relative_error(dx1, dx0) < tol);
-  CHECK(testing::relative_error(flat(fast.bank().gradients()), flat(ref.bank().gradients())) < tol);
-  CHECK(testing::relative_error(fast.router().gradients(), ref.router().gradients()) < tol);
-}
-
-}  // namespace
-
-TEST_CASE("cpu layer equals reference layer") {
-  SUBCASE("odd sizes") { check_cpu_layer<adapter<float>, 3>(adapter<float>{13, 5}, 5, 7, 31); }
-  SUBCASE("B = 1, L = 1") { check_cpu_layer<adapter<float>, 8>(adapter<float>{17, 3}, 1, 1, 32); }
-  SUBCASE("wider, gelu, up bias, plain mean") {
-    check_cpu_layer<adapter<float>, 4>(adapter<float>{96, 24, {.act = activation::gelu, .up_bias = true}}, 6,
-                                       9, 33, {.router = {.pool = pooling::mean}});
-  }
-  SUBCASE("expert dropout") {
-    check_cpu_layer<adapter<float>, 6>(adapter<float>{20, 4}, 4, 5, 34, {.router = {.expert_dropout = 0.3}});
-  }
-  SUBCASE("lora and linear") {
-    check_cpu_layer<lora<float>, 3>(lora<float>{10, 6, 2}, 3, 4, 35);
-    check_cpu_layer<linear<float>, 2>(linear<float>{7, 9}, 3, 4, 36);
-  }
-  SUBCASE("double") { check_cpu_layer<adapter<double>, 4>(adapter<double>{11, 6}, 3, 5, 37); }
 }
 
 namespace {

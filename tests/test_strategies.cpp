@@ -469,64 +469,6 @@ TEST_CASE("hash routing is a fixed function of the example") {
 
 namespace {
 
-template <class Expert, std::size_t N>
-void check_cpu_strategy(const Expert& proto, strategy_options s, route_inputs in = {}, bool training = true) {
-  using T = typename Expert::value_type;
-  layer<Expert, N, backend::reference> ref{proto, {.routing = s}, 90};
-  layer<Expert, N, backend::cpu> fast{proto, {.routing = s}, 90};
-  rng gen{91};
-  auto rp = ref.parameters(), fp = fast.parameters();
-  for (std::size_t i = 0; i < rp.size(); ++i)
-    for (std::size_t j = 0; j < rp[i].value.size(); ++j) rp[i].value[j] = fp[i].value[j] = static_cast<T>(0.5 * gen.normal());
-  ref.train(training);
-  fast.train(training);
-  const std::size_t Bc = 5, Lc = 7;
-  std::vector<std::int32_t> len{7, 3, 1, 6, 7};
-  const auto x = random_vector<T>(Bc * Lc * proto.input_dim(), gen);
-  const auto dy = random_vector<T>(Bc * Lc * proto.output_dim(), gen);
-  const std::vector<T> losses{T(1), T(2), T(0.5), T(3), T(1.5)};
-  std::vector<T> y0(dy.size()), y1(dy.size()), dx0(x.size()), dx1(x.size());
-  auto xs = make_tokens<const T>(x.data(), Bc, Lc, proto.input_dim(), len);
-  ref.reseed(92);
-  fast.reseed(92);
-  ref.forward(xs, y0, in);
-  fast.forward(xs, y1, in);
-  ref.backward(dy, dx0, losses);
-  fast.backward(dy, dx1, losses);
-  const double tol = testing::tolerance<T>() * 10;
-  CHECK(testing::relative_error(y1, y0) < tol);
-  CHECK(testing::relative_error(dx1, dx0) < tol);
-  for (std::size_t i = 0; i < rp.size(); ++i) {
-    CAPTURE(rp[i].name);
-    CHECK(testing::relative_error(fp[i].grad, rp[i].grad) < tol);
-  }
-  for (std::size_t b = 0; b < Bc; ++b) CHECK(fast.choices()(b, 0) == ref.choices()(b, 0));
-}
-
-}  // namespace
-
-TEST_CASE("cpu equals reference for every strategy") {
-  const std::int32_t t5[] = {0, 2, 1, 2, 0};
-  const route_inputs in{.tags = std::span<const std::int32_t>(t5, 5)};
-  adapter<float> af{9, 5};
-  check_cpu_strategy<adapter<float>, 3>(af, with(strategy::ensemble));
-  check_cpu_strategy<adapter<float>, 3>(af, with(strategy::tag), in);
-  check_cpu_strategy<adapter<float>, 3>(af, with(strategy::hash));
-  check_cpu_strategy<adapter<float>, 3>(af, with(strategy::adamix));
-  check_cpu_strategy<adapter<float>, 3>(af, with(strategy::adamix), {}, false);
-  check_cpu_strategy<adapter<float>, 3>(af, {.strategy = strategy::latent_skills, .tasks = 3}, in);
-  check_cpu_strategy<adapter<float>, 3>(af, {.strategy = strategy::latent_skills, .tasks = 3}, in, false);
-  check_cpu_strategy<adapter<float>, 3>(af, top1(estimator::st_gumbel));
-  check_cpu_strategy<adapter<float>, 3>(af, {.strategy = strategy::top_k, .k = 2});
-  check_cpu_strategy<adapter<float>, 3>(af, top1(estimator::reinforce));
-  check_cpu_strategy<adapter<float>, 3>(af, top1(estimator::dselect));
-  check_cpu_strategy<adapter<float>, 3>(af, top1(estimator::switch_gate));
-  check_cpu_strategy<adapter<double>, 5>(adapter<double>{6, 3}, top1(estimator::dselect));
-  check_cpu_strategy<linear<double>, 4>(linear<double>{6, 4}, with(strategy::ensemble));
-}
-
-namespace {
-
 /// Four tasks, each a different linear map of the tokens; the task shows in the tokens'
 /// mean, so a router can find it. Returns the final mean squared error after training.
 template <std::size_t N>

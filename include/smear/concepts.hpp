@@ -88,13 +88,6 @@ concept mergeable_expert = differentiable_expert<E> && requires(const E& e) {
 template <class E>
 inline constexpr bool is_residual_expert = requires { requires static_cast<bool>(E::residual); };
 
-/// True when the expert's backward may write ∂ℓ/∂params over params itself (the expert
-/// declares `static constexpr bool backward_in_place = true`): it reads each parameter for
-/// the last time before it writes that parameter's gradient. The layer then writes a merged
-/// expert's gradient where its merged parameters were, without a copy.
-template <class E>
-inline constexpr bool is_in_place_expert = requires { requires static_cast<bool>(E::backward_in_place); };
-
 /// True when each output row of the expert depends on the same input row only (the expert
 /// declares `static constexpr bool row_wise = true`), and so saved_size and scratch_size grow
 /// linearly with the rows: the layer may then run consecutive examples that share a parameter

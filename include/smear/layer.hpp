@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "smear/backend/kernels.hpp"
+#include "smear/backend_concepts.hpp"
 #include "smear/layer_core.hpp"
 #include "smear/parameter.hpp"
 #include "smear/tensor.hpp"
@@ -53,6 +54,7 @@ namespace smear {
 template <class Expert, std::size_t N, class Backend>
 class layer : public layer_core<Expert, N> {
   using core = layer_core<Expert, N>;
+  static_assert(detail::diagnose_host_kernel_set<Backend, typename Expert::value_type>());
 
  public:
   using typename core::T;
@@ -115,8 +117,8 @@ class layer : public layer_core<Expert, N> {
   /// per-thread scratch, expert outputs for mixtures, the inference cache, the router's and
   /// the planner's).
   std::size_t workspace_bytes() const noexcept {
-    const std::size_t values = merged_.capacity() + saved_.capacity() + dparams_.capacity() + scratch_.capacity() +
-                               dw_.capacity() + coef_.capacity() + dcoef_.capacity() + outputs_.capacity() +
+    const std::size_t values = merged_.capacity() + merged_grad_.capacity() + saved_.capacity() +
+                               dparams_.capacity() + scratch_.capacity() + dweights_.capacity() + coef_.capacity() + dcoef_.capacity() + outputs_.capacity() +
                                dxtmp_.capacity() + dbank_.capacity() + cache_.capacity() + cache_table_.capacity();
     const auto& p = this->plan_;
     return sizeof(T) * (values + p.weights.capacity() + p.table.capacity() + p.coef.capacity()) +
@@ -219,12 +221,12 @@ class layer : public layer_core<Expert, N> {
     scratch_stride_ = ex.scratch_size(is_row_wise_expert<Expert> && cached() ? B * L : L);
     grow(merged_, B * P());
     grow(saved_, B * k * saved_stride_);
-    const bool merge = this->plan_.kind == plan_kind::merge && !cached();
-    if (!merge || !is_in_place_expert<Expert>) grow(dparams_, threads * P());  // else G_b goes in place
     grow(scratch_, threads * scratch_stride_);
-    grow(dw_, B * N);
+    grow(dweights_, B * N);
     if (theta_.size() < B) theta_.resize(B);
+    if (this->plan_.kind != plan_kind::mixture) grow(merged_grad_, B * P());
     if (this->plan_.kind == plan_kind::mixture) {
+      grow(dparams_, threads * P());
       grow(sel_, B * k);
       grow(coef_, B * k);
       grow(count_, B);
@@ -240,6 +242,7 @@ class layer : public layer_core<Expert, N> {
     if (v.size() < n) v.resize(n);
   }
   matrix_ref<T> merged() noexcept { return {merged_.data(), batch(), P()}; }
+  matrix_ref<T> merged_grad() noexcept { return {merged_grad_.data(), batch(), P()}; }
   std::span<T> saved(std::size_t slot, std::size_t rows) noexcept {
     return {saved_.data() + slot * saved_stride_, this->bank_.expert().saved_size(rows)};
   }
@@ -394,7 +397,7 @@ class layer : public layer_core<Expert, N> {
   // ---- backward ------------------------------------------------------------------------
 
   /// Expert backward for the single-parameter-vector plans (merge, gather): ∂ℓ/∂x into dx and
-  /// G_b = ∂ℓ/∂θ_b into row b of merged().
+  /// G_b = ∂ℓ/∂θ_b into row b of merged_grad().
   void backward_experts(const Backend& be, tokens<const T> x, std::span<const T> dy, tokens<T> dx) {
     const Expert& ex = this->bank_.expert();
     const std::size_t din = this->input_dim(), dout = this->output_dim(), L = x.length;
@@ -403,27 +406,22 @@ class layer : public layer_core<Expert, N> {
       matrix_ref<const T> xb{x.data + first * L * din, rows, din};
       matrix_ref<const T> dyb{dy.data() + first * L * dout, rows, dout};
       matrix_ref<T> dxb{dx.data + first * L * din, rows, din};
-      // θ̄ is no longer needed after this: the run's first row of merged() gets its gradient,
-      // written there directly when θ̄ is that row and the expert can write over its
-      // parameters; a run's other rows get 0 (they share θ̄ and its routing weights)
-      const std::span<T> row = merged().row(first);
-      const bool in_place = is_in_place_expert<Expert> && theta_[first] == row.data();
-      std::span<T> g = in_place ? row : std::span<T>{dparams_.data() + thread * P(), P()};
-      ex.backward(be, std::span<const T>(theta_[first], P()), xb, std::span<const T>(saved(first, rows)), dyb, dxb, g,
-                  scratch(thread, rows));
+      // the run's first row gets its gradient; its other rows get 0 (a run shares θ̄ and
+      // its routing weights, so the first row's G is the run's)
+      ex.backward(be, std::span<const T>(theta_[first], P()), xb, std::span<const T>(saved(first, rows)), dyb, dxb,
+                  merged_grad().row(first), scratch(thread, rows));
       if (this->residual_)
         backend::axpy<T>(be, T(1), std::span<const T>(dyb.data, rows * dout), {dxb.data, rows * din});
       std::fill(dxb.data + rows * din, dx.data + last * L * din, T(0));
-      if (!in_place) std::copy(g.begin(), g.end(), row.begin());
-      for (std::size_t b = first + 1; b < last; ++b) std::ranges::fill(merged().row(b), T(0));
+      for (std::size_t b = first + 1; b < last; ++b) std::ranges::fill(merged_grad().row(b), T(0));
     });
   }
 
-  /// From G (rows of merged()) to the bank's gradient: Wᵀ·G for a merge, a scatter of each
+  /// From G (rows of merged_grad()) to the bank's gradient: Wᵀ·G for a merge, a scatter of each
   /// group to its expert for a gather.
   void bank_backward(const Backend& be) {
     const auto& p = this->plan_;
-    const matrix_ref<const T> grad_merged = merged();
+    const matrix_ref<const T> grad_merged = merged_grad();
     auto bank_grad = this->bank_.gradients();
     if (p.kind == plan_kind::merge) {
       backend::gemm<T>(be, true, false, T(1), merge_weights(), grad_merged, T(1), bank_grad);
@@ -439,9 +437,9 @@ class layer : public layer_core<Expert, N> {
 
   /// ∂ℓ/∂W = G·Θᵀ of the last merge, [B, N] (computed once per backward).
   matrix_ref<const T> dweights(const Backend& be) {
-    matrix_ref<T> dw{dw_.data(), batch(), N};
+    matrix_ref<T> dw{dweights_.data(), batch(), N};
     if (!dw_ready_) {
-      backend::gemm<T>(be, false, true, T(1), matrix_ref<const T>(merged()),
+      backend::gemm<T>(be, false, true, T(1), matrix_ref<const T>(merged_grad()),
                        matrix_ref<const T>(this->bank_.values()), T(0), dw);
       dw_ready_ = true;
     }
@@ -450,7 +448,7 @@ class layer : public layer_core<Expert, N> {
 
   /// A by-router mixture's slot dot products as ∂ℓ/∂p, [B, N].
   matrix_ref<const T> scatter_dcoef() {
-    matrix_ref<T> dp{dw_.data(), batch(), N};
+    matrix_ref<T> dp{dweights_.data(), batch(), N};
     const std::size_t k = slots();
     for (std::size_t b = 0; b < batch(); ++b) {
       std::fill_n(dp.row(b).data(), N, T(0));
@@ -506,13 +504,17 @@ class layer : public layer_core<Expert, N> {
 
   // per-call buffers
   std::vector<std::size_t> runs_;  // see group_runs
-  std::vector<T> merged_, saved_, dparams_, scratch_, dw_, coef_, dcoef_, outputs_, dxtmp_, dbank_;
+  std::vector<T> merged_;       ///< [B, P]: θ̄_b, the merged (or gathered) parameters of example b
+  std::vector<T> merged_grad_;  ///< [B, P]: G_b = ∂ℓ/∂θ̄_b (merge and gather plans)
+  std::vector<T> dweights_;     ///< [B, N]: ∂ℓ/∂W measured for the router (G·Θᵀ, or a mixture's ⟨dy, f⟩)
+  std::vector<T> dparams_;      ///< mixture [threads, P]: ∂ℓ/∂θ_e of the expert a thread ran last
+  std::vector<T> saved_, scratch_, coef_, dcoef_, outputs_, dxtmp_, dbank_;
   std::vector<const T*> theta_;    ///< [B]: the parameters example b runs (merged_, cache_ or a bank row)
   std::vector<std::int32_t> sel_;  ///< mixture [B, k]: the expert of each slot
   std::vector<std::size_t> count_;
   std::vector<char> touched_;  ///< [threads, N]: which rows of dbank_ this backward wrote
   std::size_t saved_stride_ = 0, scratch_stride_ = 0;
-  bool dw_ready_ = false;  ///< dw_ holds this backward's ∂ℓ/∂W
+  bool dw_ready_ = false;  ///< dweights_ holds this backward's ∂ℓ/∂W
   // the inference cache: the table it was merged from, at which parameter version
   std::vector<T> cache_, cache_table_;
   std::uint64_t cache_version_ = 0;

@@ -9,7 +9,7 @@
 #include <cstdio>
 #include <smear/cuda.hpp>
 
-#include "agreement.hpp"
+#include "support/agreement.hpp"
 
 using namespace smear;
 using smear::testing::agreement_case;
@@ -52,7 +52,7 @@ void check(const Expert& proto, agreement_case c, std::uint64_t seed, layer_opti
 }  // namespace
 
 #define SMEAR_AGREEMENT_SUBJECT "cuda layer"
-#include "agreement_cases.hpp"
+#include "support/agreement_cases.hpp"
 
 TEST_CASE("cuda layer errors") {
   using E = adapter<float>;

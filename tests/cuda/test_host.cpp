@@ -9,20 +9,14 @@
 #include <smear/cuda/optimizers.hpp>
 #include <smear/smear.hpp>
 
-#include "agreement.hpp"
+#include "support/agreement.hpp"
+#include "support/allocations.hpp"
 
 using namespace smear;
 using smear::testing::agreement_case;
 using smear::testing::random_vector;
 
 namespace {
-
-struct host_memory {
-  template <class T>
-  std::vector<T> upload(std::vector<T> v) const { return v; }
-  template <class T>
-  std::vector<T> download(const T* p, std::size_t n) const { return std::vector<T>(p, p + n); }
-};
 
 template <class Expert, std::size_t N>
 using host_layer = device::device_layer<Expert, N, device::host_context>;
@@ -31,7 +25,7 @@ template <class Expert, std::size_t N>
 void check(const Expert& proto, agreement_case c, std::uint64_t seed, layer_options opt = {}) {
   layer<Expert, N, backend::reference> ref{proto, opt, seed};
   host_layer<Expert, N> fast{proto, opt, seed};
-  host_memory mem;
+  testing::host_memory mem;
   testing::check_agreement(ref, fast, mem, c, seed);
 }
 
@@ -49,7 +43,7 @@ TEST_CASE("cuda algorithm on the host: starts from the same parameters as the ho
 }
 
 #define SMEAR_AGREEMENT_SUBJECT "cuda algorithm on the host"
-#include "agreement_cases.hpp"
+#include "support/agreement_cases.hpp"
 
 TEST_CASE("cuda algorithm on the host: strategy errors as smear::layer gives them") {
   using E = adapter<float>;
@@ -90,6 +84,39 @@ TEST_CASE("cuda layer errors name the operation and the shapes") {
   CHECK_THROWS_AS((host_layer<E, 2>{E{6, 2}, {.router = {.temperature = 0}}, 1}), value_error);
   CHECK_THROWS_AS((host_layer<linear<float>, 2>{linear<float>{4, 5}, {.residual = true}, 1}), value_error);
 }
+
+TEST_CASE("cuda layer of conv adapters refuses an example that is not a whole map, as smear::layer does") {
+  using C = conv_adapter<float>;
+  host_layer<C, 2> block{C{2, 2, 3, 2}, {}, 1};
+  layer<C, 2, backend::reference> ref{C{2, 2, 3, 2}, {}, 1};
+  std::vector<float> x(2 * 4 * 3), y(x.size());
+  std::vector<std::int32_t> lengths{4, 3};
+  const auto padded = make_tokens<const float>(x.data(), 2, 4, 3, lengths);
+  CHECK_THROWS_WITH_AS(block.forward(padded, y), doctest::Contains("an example has 3 rows, the expert's map is [H, W] = [2, 2]"),
+                       shape_error);
+  CHECK_THROWS_WITH_AS(ref.forward(padded, y), doctest::Contains("an example has 3 rows, the expert's map is [H, W] = [2, 2]"),
+                       shape_error);
+  CHECK_THROWS_AS(block.forward(make_tokens<const float>(x.data(), 3, 2, 4), {y.data(), 3 * 2 * 3}), shape_error);
+  CHECK_THROWS_AS(block.backward(y, y), state_error);  // nothing ran
+}
+
+// the contracts of smear/backend_concepts.hpp, met by what smear ships and refused otherwise
+static_assert(execution_context<device::host_context, float> && execution_context<device::host_context, double>);
+static_assert(device_expert_kernel<device::device_expert<adapter<float>, device::host_context>, device::host_context, float>);
+static_assert(device_expert_kernel<device::device_expert<conv_adapter<double>, device::host_context>, device::host_context,
+                                   double>);
+static_assert(device_expert_kernel<device::device_expert<lora<float>, device::host_context>, device::host_context, float>);
+namespace {
+struct no_batched_gemm : device::host_context {
+  template <class T>
+  void gemm_batched() const {}
+};
+struct no_backward : device::device_expert<linear<float>, device::host_context> {
+  void backward() const {}
+};
+}  // namespace
+static_assert(!execution_context<no_batched_gemm, float>);
+static_assert(!device_expert_kernel<no_backward, device::host_context, float>);
 
 TEST_CASE("cuda layer in checked mode reports a non-finite input") {
   using E = adapter<float>;
@@ -164,5 +191,30 @@ TEST_CASE("cuda algorithm on the host: one training loop, the same code as on th
     CHECK_THROWS_WITH_AS(smear::adamw<float>{block.parameters()},
                          doctest::Contains("parameter 'experts' is in device memory"), value_error);
     CHECK_THROWS_AS(smear::sgd<float>{block.parameters()}, value_error);
+  }
+}
+
+TEST_CASE("cuda algorithm on the host: forward + backward allocate nothing after a warm-up") {
+  using E = adapter<float>;
+  constexpr std::size_t B = 4, L = 12, d = 32, m = 8;
+  const std::vector<std::int32_t> lengths{12, 7, 1, 10};
+  for (const char* name : {"smear", "ensemble", "st_gumbel", "reinforce", "dselect", "switch", "tag", "hash", "adamix",
+                           "latent_skills"}) {
+    strategy_options routing = parse_strategy(name);
+    routing.tasks = 4;  // latent skills: one row per tag
+    for (bool training : {true, false}) {
+      CAPTURE(name);
+      CAPTURE(training);
+      host_layer<E, 8> block{E{d, m}, {.router = {.expert_dropout = 0.1}, .routing = routing}, 6};
+      block.train(training);
+      CHECK(testing::steady_state_allocations(block, B, L, lengths) == 0);
+    }
+  }
+  SUBCASE("smear inference through the merged-expert cache") {
+    host_layer<E, 8> block{E{d, m}, {}, 7};
+    const std::vector<float> p(4 * 8, 1.0f / 8);
+    block.set_task_routing(matrix_ref<const float>{p.data(), 4, 8});
+    block.train(false);
+    CHECK(testing::steady_state_allocations(block, B, L, lengths) == 0);
   }
 }

@@ -9,7 +9,6 @@
 #include "../support/testing.hpp"
 
 using namespace smear;
-using smear::testing::check_gradient;
 using smear::testing::random_vector;
 
 namespace {
@@ -61,27 +60,9 @@ void run_forward(const E& e, auto be, std::span<const typename E::value_type> p,
             matrix_ref<T>{y.data(), rows, e.output_dim()}, std::span<T>(saved));
 }
 
+/// The expert's parameter and input gradients against central differences, on one whole map.
 void check_backward(const conv_adapter<double>& e, std::uint64_t seed) {
-  rng gen{seed};
-  const std::size_t rows = e.positions();
-  auto params = random_vector<double>(e.parameter_count(), gen, 0.5);
-  auto x = random_vector<double>(rows * e.input_dim(), gen);
-  const auto w = random_vector<double>(rows * e.output_dim(), gen);
-  std::vector<double> y, saved;
-  auto loss = [&] {
-    run_forward(e, backend::reference{}, std::span<const double>(params), x, y, saved);
-    return testing::weighted_sum(y, w);
-  };
-  loss();
-  std::vector<double> dparams(e.parameter_count(), 99.0), dx(x.size(), 99.0),
-      scratch(e.scratch_size(rows), 99.0);
-  e.backward(backend::reference{}, std::span<const double>(params),
-             matrix_ref<const double>{x.data(), rows, e.input_dim()}, std::span<const double>(saved),
-             matrix_ref<const double>{w.data(), rows, e.output_dim()},
-             matrix_ref<double>{dx.data(), rows, e.input_dim()}, std::span<double>(dparams),
-             std::span<double>(scratch));
-  check_gradient("parameters", params, dparams, loss);
-  check_gradient("input", x, dx, loss);
+  testing::check_reports(testing::check_expert(e, e.positions(), seed));
 }
 
 }  // namespace
@@ -165,26 +146,7 @@ TEST_CASE("conv_adapter: cpu backend equals reference") {
 TEST_CASE("a SMEAR layer of conv adapters: every gradient matches finite differences") {
   const std::size_t B = 3, H = 3, W = 2, C = 3;
   layer<conv_adapter<double>, 4, backend::reference> block{conv_adapter<double>{H, W, C, 2}, {}, 71};
-  rng gen{72};
-  for (auto& v : std::span<double>(block.bank().values().data, 4 * block.bank().parameter_count()))
-    v = 0.3 * gen.normal();
-  for (auto& v : block.router().values()) v = 0.5 * gen.normal();
-  auto x = random_vector<double>(B * H * W * C, gen);
-  const auto w = random_vector<double>(x.size(), gen);
-  std::vector<double> y(x.size()), dx(x.size());
-  auto loss = [&] {
-    block.forward(map_tokens<const double>(x.data(), {B, C, H, W}), y);
-    return testing::weighted_sum(y, w);
-  };
-  loss();
-  block.zero_grad();
-  block.backward(w, dx);
-  auto g = block.bank().gradients();
-  const std::vector<double> bank_grad(g.data, g.data + g.rows * g.cols);
-  const std::vector<double> router_grad(block.router().gradients().begin(), block.router().gradients().end());
-  check_gradient("experts", {block.bank().values().data, bank_grad.size()}, bank_grad, loss);
-  check_gradient("router", block.router().values(), router_grad, loss);
-  check_gradient("input", x, dx, loss);
+  testing::check_reports(testing::check_layer(block, B, H * W, {}, 72));
 }
 
 TEST_CASE("conv_adapter rejects bad dimensions and maps of the wrong size") {

@@ -25,6 +25,7 @@
 
 #include "smear/backend/cuda/elementwise.hpp"
 #include "smear/backend/cuda/experts.hpp"
+#include "smear/backend_concepts.hpp"
 #include "smear/cuda/device_router.hpp"
 #include "smear/layer_core.hpp"
 
@@ -43,6 +44,8 @@ class device_layer : public layer_core<Expert, N> {
   using core = layer_core<Expert, N>;
   template <class V>
   using buf = typename Ctx::template buffer<V>;
+  static_assert(smear::detail::diagnose_execution_context<Ctx, typename Expert::value_type>());
+  static_assert(smear::detail::diagnose_device_expert_kernel<device_expert<Expert, Ctx>, Ctx, typename Expert::value_type>());
 
  public:
   using typename core::T;
@@ -154,6 +157,7 @@ class device_layer : public layer_core<Expert, N> {
   void forward(tokens<const T> x, std::span<T> y, route_inputs in = {}) {
     constexpr const char* op = "smear::layer<cuda>::forward";
     auto c = this->begin_forward(x, y.size(), in, op);
+    if constexpr (requires { kernel_.check_input(x, op); }) kernel_.check_input(x, op);
     ctx_->check_pointer(x.data, op, "x");
     ctx_->check_pointer(y.data(), op, "y");
     if (this->opt_.check_finite) check_finite(x.data, x.size(), op, "x");

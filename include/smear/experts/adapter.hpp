@@ -34,7 +34,6 @@ class adapter {
  public:
   using value_type = T;
   static constexpr bool residual = true;
-  static constexpr bool backward_in_place = true;  // dparams may be params (see backward)
   static constexpr bool row_wise = true;
 
   /// Throws value_error when `dim` or `bottleneck` is zero.
@@ -85,9 +84,8 @@ class adapter {
     auto dp = [&](std::size_t offset, std::size_t r, std::size_t c) {
       return matrix_ref<T>{dparams.data() + offset, r, c};
     };
-    // Each weight is read for the last time before its gradient is written, so dparams may be
-    // params (backward_in_place). up-projection: dH = dY·W_uᵀ (first: it reads dY row by row,
-    // into cache for the next), dW_u = Hᵀ·dY, db_u = Σ dY
+    // up-projection: dH = dY·W_uᵀ (first: it reads dY row by row, into cache for the next),
+    // dW_u = Hᵀ·dY, db_u = Σ dY
     backend::gemm<T>(be, false, true, T(1), dy, w_up(params), T(0), dh);
     backend::gemm<T>(be, true, false, T(1), act, dy, T(0), dp(up_offset(), m_, d_));
     if (opt_.up_bias) backend::column_sums<T>(be, dy, dparams.subspan(up_offset() + m_ * d_, d_));

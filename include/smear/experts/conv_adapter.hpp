@@ -121,6 +121,14 @@ class conv_adapter {
     col2im(matrix_ref<const T>(dcols), dx);
   }
 
+  /// Throws shape_error naming `op` when an example of `rows` rows is not a whole H×W map.
+  void check_rows(std::size_t rows, const char* op) const {
+    if (rows != h_ * w_)
+      throw shape_error(detail::message(op, ": an example has ", rows,
+                                        " rows, the expert's map is [H, W] = ", detail::shape(h_, w_),
+                                        " = ", h_ * w_, " positions (padding is not supported)"));
+  }
+
  private:
   std::size_t taps() const noexcept { return opt_.kernel * opt_.kernel; }
   std::size_t up_offset() const noexcept { return taps() * d_ * m_ + m_; }
@@ -129,13 +137,6 @@ class conv_adapter {
   matrix_ref<const T> w_up(std::span<const T> p) const { return {p.data() + up_offset(), m_, d_}; }
   std::span<const T> b_up(std::span<const T> p) const {
     return p.subspan(up_offset() + m_ * d_, d_);
-  }
-
-  void check_rows(std::size_t rows, const char* op) const {
-    if (rows != h_ * w_)
-      throw shape_error(detail::message(op, ": an example has ", rows,
-                                        " rows, the expert's map is [H, W] = ", detail::shape(h_, w_),
-                                        " = ", h_ * w_, " positions (padding is not supported)"));
   }
 
   /// cols[(i, j), (u, v, c)] = x[(i + u - r, j + v - r), c], zero outside the map.

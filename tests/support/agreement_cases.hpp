@@ -1,5 +1,5 @@
-// The agreement cases both CUDA test programs run: the host build (the cuda algorithm on a CPU)
-// and the GPU build. Include after defining `check<Expert, N>(proto, agreement_case, seed,
+// The agreement cases every backend runs against the reference: the cpu layer, the cuda
+// algorithm on a CPU and the cuda layer on a GPU. Include after defining `check<Expert, N>(proto, agreement_case, seed,
 // options)` and SMEAR_AGREEMENT_SUBJECT (the tested layer's name in the test cases' names).
 
 TEST_CASE(SMEAR_AGREEMENT_SUBJECT " equals the reference layer: adapter") {
@@ -44,6 +44,33 @@ TEST_CASE(SMEAR_AGREEMENT_SUBJECT " equals the reference layer: lora, linear, do
   SUBCASE("double") {
     check<adapter<double>, 4>(adapter<double>{11, 6, {.up_bias = true}}, {.B = 3, .L = 5}, 55);
     check<lora<double>, 2>(lora<double>{6, 4, 2, random_vector<double>(24, gen)}, {}, 56);
+  }
+}
+
+TEST_CASE(SMEAR_AGREEMENT_SUBJECT " equals the reference layer: conv adapter") {
+  using C = conv_adapter<float>;
+  // every example a whole H×W map: L = H·W, no lengths
+  SUBCASE("3×3 kernel, smear") { check<C, 3>(C{3, 4, 5, 2}, {.B = 3, .L = 12, .full = true}, 91); }
+  SUBCASE("5×5 kernel over a 2×3 map, gelu, up bias, double") {
+    check<conv_adapter<double>, 4>(conv_adapter<double>{2, 3, 3, 2, {.act = activation::gelu, .kernel = 5, .up_bias = true}},
+                                   {.B = 2, .L = 6, .full = true}, 92);
+  }
+  SUBCASE("1×1 map, and a 1×1 kernel") {
+    check<C, 2>(C{1, 1, 4, 3}, {.B = 4, .L = 1, .full = true}, 93);
+    check<C, 3>(C{2, 2, 6, 2, {.kernel = 1}}, {.B = 3, .L = 4, .full = true}, 94);
+  }
+  SUBCASE("ensemble, top-k, tag, adamix, a fixed distribution per task") {
+    const C e{3, 3, 4, 2, {.up_bias = true}};
+    const agreement_case c{.B = 4, .L = 9, .full = true};
+    check<C, 3>(e, c, 95, {.routing = {.strategy = strategy::ensemble}});
+    check<C, 3>(e, c, 96, {.routing = {.strategy = smear::strategy::top_k, .k = 2}});
+    auto tagged = c;
+    tagged.tags = true;
+    check<C, 3>(e, tagged, 97, {.routing = {.strategy = strategy::tag}});
+    check<C, 3>(e, c, 98, {.routing = {.strategy = strategy::adamix}});
+    tagged.train = false;
+    tagged.task_routing = true;
+    check<C, 3>(e, tagged, 99);
   }
 }
 
