@@ -106,6 +106,16 @@ TEST_CASE("layer gradients match finite differences") {
     layer<linear<double>, 2, backend::reference> block{linear<double>{3, 5}, {}, 14};
     check_layer_gradients(block, ragged, 15);
   }
+  SUBCASE("router weights normalised per expert (the official normalize_router_weights), no router bias") {
+    layer<E, 4, backend::reference> block{E{5, 2}, {.router = {.normalize_weights = true, .bias = false}}, 18};
+    check_layer_gradients(block, ragged, 19);
+    layer<E, 3, backend::reference> plain{E{4, 2}, {.router = {.layer_norm = false, .normalize_weights = true}}, 20};
+    check_layer_gradients(plain, ragged, 21);
+  }
+  SUBCASE("the official preset") {
+    layer<E, 3, backend::reference> block{E{5, 2}, official_options({}), 22};
+    check_layer_gradients(block, ragged, 23);
+  }
   SUBCASE("the mergeable archetype") {
     layer<archetypes::mergeable_expert<double>, 3, backend::reference> block{
         archetypes::mergeable_expert<double>{4}, {}, 16};

@@ -255,6 +255,20 @@ TEST_CASE("REINFORCE: the router's gradient is (loss − baseline)·∇log p") {
   // the experts get dy's gradient through the chosen expert only: dy = 0 gives none
   for (double g : std::span(rl.bank().gradients().data, N * rl.bank().parameter_count())) REQUIRE(g == 0.0);
 
+  SUBCASE("the policy weight scales the score-function term") {
+    ref_layer<N> pw{E{4, 2}, {.router = {.layer_norm = false, .temperature = 2.0},
+                              .routing = {.strategy = strategy::top_k, .estimator = estimator::reinforce,
+                                          .policy_weight = 0.01}}, 40};
+    rng g2{41};
+    randomise(pw, g2);
+    run(pw, 42);
+    pw.zero_grad();
+    pw.backward(dy, dx, losses);
+    const auto g = pw.router().gradients();
+    auto scaled = expected;
+    for (auto& v : scaled) v *= 0.01;
+    CHECK(testing::relative_error(std::vector<double>(g.end() - N, g.end()), scaled) < 1e-12);
+  }
   SUBCASE("a learned baseline trains on its squared error") {
     ref_layer<N> lb{E{4, 2}, {.routing = {.strategy = strategy::top_k, .estimator = estimator::reinforce,
                                           .baseline = baseline::learned}}, 43};
@@ -266,6 +280,37 @@ TEST_CASE("REINFORCE: the router's gradient is (loss − baseline)·∇log p") {
     double norm = 0;
     for (double g : params.back().grad) norm += g * g;
     CHECK(norm > 0);
+  }
+}
+
+TEST_CASE("learned baseline: the value loss's gradient matches finite differences, squared and Huber") {
+  constexpr std::size_t batch = 5, dim = 4;
+  for (auto loss : {value_loss::squared, value_loss::huber}) {
+    CAPTURE(static_cast<int>(loss));
+    rng gen{50};
+    reinforce_baseline<double> bl{baseline::learned, dim, 3, 0.9, gen, loss, 0.5};
+    const auto features = testing::random_vector<double>(batch * dim, gen);
+    // residuals on both sides of δ: some predictions far from their losses
+    const std::vector<double> losses{0.1, 2.5, -1.0, 0.4, 3.0};
+    const matrix_ref<const double> f{features.data(), batch, dim};
+    std::vector<double> pred(batch);
+    auto value = [&] {
+      bl.predict(f, losses, pred);
+      double s = 0;
+      for (std::size_t b = 0; b < batch; ++b) {
+        const double r = pred[b] - losses[b];
+        s += loss == value_loss::squared ? r * r : (std::abs(r) <= 0.5 ? 0.5 * r * r : 0.5 * (std::abs(r) - 0.25));
+      }
+      return s / batch;
+    };
+    value();
+    bl.zero_grad();
+    bl.update(f, losses, pred);
+    const std::vector<double> analytic(bl.gradients().begin(), bl.gradients().end());
+    bool beyond = false;
+    for (std::size_t b = 0; b < batch; ++b) beyond = beyond || std::abs(pred[b] - losses[b]) > 0.5;
+    CHECK(beyond);  // the Huber case exercises its linear part
+    testing::check_gradient("baseline.parameters", bl.values(), analytic, value);
   }
 }
 
@@ -585,4 +630,145 @@ TEST_CASE("strategy errors are clear and come before any work") {
   const std::vector<float> rows{0.5f, 0.5f, 0.0f, 0.0f, 0.9f, 0.0f, 0.0f, 0.0f};
   CHECK_THROWS_AS(sm.set_task_routing(matrix_ref<const float>{rows.data(), 2, 4}), value_error);
   CHECK_THROWS_AS(tag.set_task_routing(matrix_ref<const float>{rows.data(), 2, 4}), state_error);
+}
+
+TEST_CASE("ST-Gumbel temperature schedule: the official code's update, in closed form, at the layer's step") {
+  SUBCASE("at(g) equals the iterated update τ ← max(τ·exp(−r·g), τ_min) at steps with K | g + 1") {
+    for (const temperature_schedule s : {temperature_schedule{.initial = 10, .minimum = 0.5, .rate = 1e-4, .every = 7},
+                                         temperature_schedule{.initial = 2, .minimum = 1.5, .rate = 3e-3, .every = 1}}) {
+      double tau = s.initial;
+      bool floored = false;
+      for (std::uint64_t g = 0; g < 400; ++g) {
+        if ((g + 1) % s.every == 0) tau = std::max(tau * std::exp(-s.rate * static_cast<double>(g)), s.minimum);
+        CHECK(s.at(g) == doctest::Approx(tau).epsilon(1e-12));
+        floored = floored || tau == s.minimum;
+      }
+      CHECK(tau < s.initial);
+      if (s.every == 1) CHECK(floored);  // the floor is reached and kept
+    }
+  }
+  SUBCASE("the layer counts its training steps; evaluation forwards do not count") {
+    ref_layer<3> block{E{4, 2}, {.routing = top1(estimator::st_gumbel)}, 60};
+    std::vector<double> dy(B * L * 4, 0.1), dx(dy.size());
+    for (int i = 0; i < 3; ++i) {
+      run(block, 61);
+      block.backward(dy, dx);
+    }
+    block.train(false);
+    run(block, 62);
+    block.backward(dy, dx);
+    CHECK(block.training_steps() == 3);
+    block.set_training_steps(40);
+    CHECK(block.training_steps() == 40);
+  }
+  SUBCASE("with a schedule, s uses τ(g) in place of the router's temperature") {
+    const temperature_schedule s{.initial = 4, .minimum = 0.5, .rate = 1e-2, .every = 2};
+    const std::uint64_t g = 9;
+    const double tau = s.at(g);
+    REQUIRE(tau > 0.5);
+    REQUIRE(tau < 4);
+    strategy_options annealed = top1(estimator::st_gumbel);
+    annealed.gumbel_temperature = s;
+    annealed.k = 2;
+    strategy_options fixed = top1(estimator::st_gumbel);
+    fixed.k = 2;
+    // the router's temperature enters only its reported probabilities, not s or its gradient
+    ref_layer<4> a{E{4, 2}, {.routing = annealed}, 63};
+    ref_layer<4> b{E{4, 2}, {.router = {.temperature = tau}, .routing = fixed}, 63};
+    a.set_training_steps(g);
+    rng gen{64};
+    randomise(a, gen);
+    copy_experts(a, b);
+    std::copy(a.router().values().begin(), a.router().values().end(), b.router().values().begin());
+    const auto ya = run(a, 65), yb = run(b, 65);
+    CHECK(ya == yb);
+    std::vector<double> dy(B * L * 4), dx(dy.size());
+    rng g2{66};
+    for (auto& v : dy) v = g2.normal();
+    a.zero_grad();
+    b.zero_grad();
+    a.backward(dy, dx);
+    b.backward(dy, dx);
+    CHECK(testing::relative_error(a.router().gradients(), b.router().gradients()) < 1e-12);
+    // and the temperature matters: at step 0 the same layer routes with τ(0) = 4
+    double gnorm = 0;
+    for (double v : a.router().gradients()) gnorm += v * v;
+    CHECK(gnorm > 0);
+  }
+  SUBCASE("bad schedules are refused") {
+    strategy_options o = top1(estimator::st_gumbel);
+    o.gumbel_temperature = {.initial = 1, .minimum = 0};
+    CHECK_THROWS_AS((ref_layer<3>{E{4, 2}, {.routing = o}, 1}), value_error);
+    o.gumbel_temperature = {.initial = 1, .minimum = 0.5, .rate = -1};
+    CHECK_THROWS_AS((ref_layer<3>{E{4, 2}, {.routing = o}, 1}), value_error);
+    o.gumbel_temperature = {.initial = 1, .minimum = 0.5, .rate = 0, .every = 0};
+    CHECK_THROWS_AS((ref_layer<3>{E{4, 2}, {.routing = o}, 1}), value_error);
+  }
+}
+
+TEST_CASE("the official preset switches routing, REINFORCE and ST-Gumbel to the official values") {
+  const layer_options o = official_options({.routing = parse_strategy("reinforce")});
+  CHECK(o.routing.strategy == strategy::top_k);
+  CHECK(o.routing.estimator == estimator::reinforce);
+  CHECK(o.router.normalize_weights);
+  CHECK_FALSE(o.router.bias);
+  CHECK(o.router.pool == pooling::mean);
+  CHECK(o.routing.policy_weight == 0.01);
+  CHECK(o.routing.value_loss == value_loss::huber);
+  CHECK(o.routing.entropy_bonus == -5e-4);
+  CHECK(o.routing.gumbel_temperature.at(0) == 10.0);
+  CHECK(official_options({}, official_setup::resnet).routing.gumbel_temperature.every == 1000);
+  // a layer built with it trains: every strategy's gradients were checked above; here the
+  // router has no bias tensor and a weight normalisation instead
+  ref_layer<3> block{E{4, 2}, o, 70};
+  std::vector<std::string> names;
+  for (const auto& p : block.parameters()) names.push_back(p.name);
+  CHECK(std::ranges::find(names, "router.bias") == names.end());
+  CHECK(std::ranges::find(names, "router.weight_norm.weight") != names.end());
+  CHECK(block.router().values()[block.router().weight_norm_offset()] == doctest::Approx(0.01));  // the gain's start
+}
+
+TEST_CASE("random routing: a uniform expert per example on every forward, gradients through it exact") {
+  ref_layer<4> block{E{4, 2}, {.routing = with(strategy::random)}, 80};
+  CHECK_FALSE(block.uses_router());
+  check_strategy_gradients(block, 81);
+  std::vector<double> counts(4, 0.0);
+  for (int i = 0; i < 400; ++i) {
+    block.train(i % 2 == 0);  // evaluation draws too, as the official code does
+    run(block, 82);
+    for (std::size_t b = 0; b < B; ++b) ++counts[static_cast<std::size_t>(block.choices()(b, 0))];
+    for (std::size_t b = 0; b < B; ++b) CHECK(block.routing()(b, static_cast<std::size_t>(block.choices()(b, 0))) == 1.0);
+  }
+  // 1200 draws over 4 experts: χ² with 3 degrees of freedom below 16.3 (p = 0.001)
+  CHECK(chi_square(counts, {0.25, 0.25, 0.25, 0.25}, 1200) < 16.3);
+}
+
+TEST_CASE("cluster routing: nearest centre by cosine similarity, centres moved by momentum") {
+  constexpr std::size_t N = 3, d = 2;
+  using LE = linear<double>;
+  layer<LE, N, backend::reference> block{LE{d, d}, {.routing = {.strategy = strategy::cluster, .cluster_momentum = 0.1}},
+                                         90};
+  auto c = block.cluster_centres();
+  const double start[N * d] = {1, 0, 0, 1, -1, -1};
+  std::copy_n(start, N * d, c.data);
+  // examples of one token each: pooled input = the token
+  const std::vector<double> x{2, 0.1, 0.2, 3, 3, 0.5, -1, -2};
+  std::vector<double> y(x.size());
+  block.forward(make_tokens<const double>(x.data(), 4, 1, d), y);
+  // cosines: (2, .1) → centre 0; (.2, 3) → 1; (3, .5) → 0; (−1, −2) → 2
+  const std::int32_t expected[4] = {0, 1, 0, 2};
+  for (std::size_t b = 0; b < 4; ++b) CHECK(block.choices()(b, 0) == expected[b]);
+  CHECK(c(0, 0) == doctest::Approx(0.9 * 1 + 0.1 * 2.5));
+  CHECK(c(0, 1) == doctest::Approx(0.9 * 0 + 0.1 * 0.3));
+  CHECK(c(1, 0) == doctest::Approx(0.1 * 0.2));
+  CHECK(c(2, 1) == doctest::Approx(0.9 * -1 + 0.1 * -2));
+  // the expert that ran is the chosen centre's: y is that expert's linear map of x
+  std::vector<double> y1(d);
+  const auto w = block.bank().values().row(2);
+  for (std::size_t j = 0; j < d; ++j) y1[j] = x[6] * w[j] + x[7] * w[d + j] + w[2 * d + j];
+  CHECK(y[6] == doctest::Approx(y1[0]));
+  CHECK(y[7] == doctest::Approx(y1[1]));
+  CHECK_THROWS_AS((ref_layer<3>{E{4, 2}, {.routing = {.strategy = strategy::cluster, .cluster_momentum = 2}}, 1}),
+                  value_error);
+  CHECK_THROWS_AS(ref_layer<3>(E{4, 2}, {}, 1).cluster_centres(), state_error);
 }

@@ -143,6 +143,8 @@ class layer : public layer_core<Expert, N> {
       this->router_.forward(be, x, ctx.training && use == router_use::with_dropout, this->gen_);
       ctx.logits = this->router_.logits();
       ctx.probabilities = this->router_.probabilities();
+    } else if (this->planner_->reads_pooled()) {
+      ctx.pooled = this->router_.pool(be, x);
     }
     this->make_plan(ctx);
     reserve(x.batch, x.length);

@@ -65,6 +65,14 @@ class layer_core {
     return planner_as<reinforce_planner<T>>("layer::baseline: the estimator is not reinforce").baseline();
   }
 
+  /// Cluster routing's centres, [N, d]; throws state_error under another strategy.
+  matrix_ref<T> cluster_centres() {
+    return planner_as<cluster_planner<T>>("layer::cluster_centres: the strategy is not cluster").centres();
+  }
+  matrix_ref<const T> cluster_centres() const {
+    return planner_as<cluster_planner<T>>("layer::cluster_centres: the strategy is not cluster").centres();
+  }
+
   /// Restarts the generator behind every sampled decision (expert dropout, Gumbel noise,
   /// REINFORCE's and AdaMix's draws, relaxed Bernoulli skills) from `seed`.
   void reseed(std::uint64_t seed) noexcept { gen_ = rng{seed}; }
@@ -96,6 +104,12 @@ class layer_core {
   /// How many times the inference cache has been (re)built.
   std::size_t cache_builds() const noexcept { return cache_builds_; }
 
+  /// Training steps completed: backward() calls after a forward in training mode. Schedules
+  /// (the ST-Gumbel temperature) read it; checkpoints save and restore it.
+  std::uint64_t training_steps() const noexcept { return steps_; }
+  /// Sets the count, to resume a run (smear::load does it from a checkpoint).
+  void set_training_steps(std::uint64_t steps) noexcept { steps_ = steps; }
+
   /// The regularisers backward() differentiates along with the caller's loss, as a batch
   /// mean: DSelect-k's selection entropy and unused-code penalty, REINFORCE's −bonus·H(p).
   T auxiliary_loss() const noexcept { return plan_.auxiliary_loss; }
@@ -123,7 +137,8 @@ class layer_core {
   layer_core(const layer_core& o)
       : bank_(o.bank_), router_(o.router_), opt_(o.opt_), residual_(o.residual_), training_(o.training_),
         was_training_(o.was_training_), gen_(o.gen_), planner_(o.planner_->clone()), plan_(o.plan_), last_(o.last_),
-        pending_backward_(o.pending_backward_), version_(o.version_), cache_builds_(o.cache_builds_) {}
+        pending_backward_(o.pending_backward_), version_(o.version_), cache_builds_(o.cache_builds_),
+        steps_(o.steps_) {}
   layer_core& operator=(const layer_core& o) {
     if (this != &o) *this = layer_core(o);
     return *this;
@@ -154,7 +169,8 @@ class layer_core {
     if (y_size != x.batch * x.length * output_dim())
       throw shape_error(detail::message(op, ": y has ", y_size, " values, expected [B, L, d_out] = ",
                                         detail::shape(x.batch, x.length, output_dim())));
-    route_context<T> c{.batch = x.batch, .length = x.length, .lengths = x.lengths, .in = in, .training = training_};
+    route_context<T> c{.batch = x.batch, .length = x.length, .lengths = x.lengths, .in = in, .training = training_,
+                       .step = steps_};
     c.inv_temperature = static_cast<T>(1.0 / router_.options().temperature);
     planner_->check(c, op);
     pending_backward_ = false;
@@ -186,6 +202,7 @@ class layer_core {
                                         x.batch, " losses"));
     if (!losses.empty() && losses.size() != x.batch)
       throw shape_error(detail::message(op, ": example_losses has ", losses.size(), " values, expected B = ", x.batch));
+    if (was_training_) ++steps_;
   }
 
   /// Parameters may have changed: cached merged experts are no longer valid.
@@ -207,6 +224,7 @@ class layer_core {
   bool pending_backward_ = false;
   std::uint64_t version_ = 1;
   std::size_t cache_builds_ = 0;
+  std::uint64_t steps_ = 0;  ///< training steps completed (see training_steps())
 
  private:
   template <class P>

@@ -21,6 +21,32 @@ struct layer_options {
   bool check_finite = false;      ///< checked mode: throw numeric_error naming a tensor with NaN/Inf
 };
 
+/// Which of the official code's setups a preset follows (their annealing schedules differ).
+enum class official_setup {
+  t5,      ///< hyperformer/ (T5-GLUE)
+  resnet,  ///< cvl/ (ResNet-DomainNet)
+};
+
+/// `o` switched to the official SMEAR code's (r-three/smear) values where smear's defaults
+/// differ: plain-mean pooling, the router weight normalised without a bias; ST-Gumbel's
+/// temperature annealed from 10 to at least 0.5 (rate 1e-6 every 5000 steps for T5, 1e-4
+/// every 1000 for ResNet); REINFORCE with policy weight 0.01, a Huber value loss (δ = 1) and
+/// entropy weight 5e-4. The official trainer adds +5e-4·H(p) to the loss (it lowers the
+/// entropy), so the preset's entropy_bonus is −5e-4. Everything else in `o` is kept.
+inline layer_options official_options(layer_options o, official_setup setup = official_setup::t5) {
+  o.router.pool = pooling::mean;
+  o.router.normalize_weights = true;
+  o.router.bias = false;
+  const bool t5 = setup == official_setup::t5;
+  o.routing.gumbel_temperature = {.initial = 10.0, .minimum = 0.5, .rate = t5 ? 1e-6 : 1e-4,
+                                  .every = t5 ? 5000u : 1000u};
+  o.routing.policy_weight = 0.01;
+  o.routing.value_loss = value_loss::huber;
+  o.routing.huber_delta = 1.0;
+  o.routing.entropy_bonus = -5e-4;
+  return o;
+}
+
 namespace detail {
 
 /// Throws numeric_error naming `what` and the first index holding NaN or ±Inf.

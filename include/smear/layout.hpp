@@ -18,7 +18,7 @@ namespace smear {
 
 /// How a fresh tensor is filled: zeros, ones, N(0, scale²) or U(-scale, scale).
 struct init_rule {
-  enum class kind { zeros, ones, normal, uniform };
+  enum class kind { zeros, ones, normal, uniform, constant };
   kind what = kind::zeros;
   double scale = 0.0;
 
@@ -26,6 +26,7 @@ struct init_rule {
   static constexpr init_rule ones() { return {kind::ones, 0.0}; }
   static constexpr init_rule normal(double stddev) { return {kind::normal, stddev}; }
   static constexpr init_rule uniform(double bound) { return {kind::uniform, bound}; }
+  static constexpr init_rule constant(double value) { return {kind::constant, value}; }
 };
 
 /// One named tensor inside a flat parameter vector: elements [offset, offset + size()),
@@ -89,6 +90,7 @@ void initialize(const parameter_layout& layout, std::span<T> params, rng& gen) {
         case init_rule::kind::uniform:
           v = static_cast<T>(s.init.scale * (2.0 * gen.uniform() - 1.0));
           break;
+        case init_rule::kind::constant: v = static_cast<T>(s.init.scale); break;
       }
     }
   }

@@ -324,4 +324,50 @@ TEST_CASE("checkpoints follow the routing strategy: no router without one, skill
     CHECK(same_bits(b.baseline().values(), a.baseline().values()));
     CHECK(same_bits(router_values(b), router_values(a)));
   }
+
+  SUBCASE("cluster routing adds its centres [N, d]") {
+    const layer_options opts{.routing = {.strategy = strategy::cluster}};
+    layer<E, 3> a{proto, opts, 1};
+    randomise(a, 6);
+    std::vector<double> x(4 * 3, 0.5), y(4 * 2);
+    a.forward(make_tokens<const double>(x.data(), 4, 1, 3), y);  // moves a centre
+    const auto path = scratch("cluster.safetensors");
+    save(path, a, "c.");
+    CHECK(names(path) == std::vector<std::string>{"c.experts.weight", "c.experts.bias", "c.clusters"});
+    CHECK(safetensors_file::open(path).at("c.clusters").shape == std::vector<std::size_t>{3, 3});
+    layer<E, 3> b{proto, opts, 7};
+    const auto centres = [](auto& l) {
+      const auto c = l.cluster_centres();
+      return std::vector<double>(c.data, c.data + c.rows * c.cols);
+    };
+    CHECK_FALSE(same_bits(centres(b), centres(a)));
+    load(path, b, "c.");
+    CHECK(same_bits(centres(b), centres(a)));
+  }
+}
+
+TEST_CASE("a layer's training-step count travels in the metadata; a bad count is refused, changing nothing") {
+  using E = adapter<float>;
+  layer<E, 3> block{E{4, 2}, {}, 1};
+  block.set_training_steps(12345);
+  const auto path = scratch("steps.safetensors");
+  save(path, block, "blk.");
+  CHECK(safetensors_file::open(path).metadata().at("blk.smear.training_steps") == "12345");
+  layer<E, 3> fresh{E{4, 2}, {}, 2};
+  load(path, fresh, "blk.");
+  CHECK(fresh.training_steps() == 12345);
+
+  // an entry that is not a count is refused before anything changes
+  safetensors_writer w;
+  add(w, block, "other.");
+  const auto no_steps = scratch("no-steps.safetensors");
+  w.metadata("other.smear.training_steps", "12x");
+  w.save(no_steps);
+  layer<E, 3> target{E{4, 2}, {}, 3};
+  target.set_training_steps(7);
+  const auto before = std::vector<float>(target.router().values().begin(), target.router().values().end());
+  CHECK_THROWS_WITH_AS(load(safetensors_file::open(no_steps), target, "other."),
+                       doctest::Contains("metadata 'other.smear.training_steps' is '12x'"), io_error);
+  CHECK(target.training_steps() == 7);
+  CHECK(std::equal(before.begin(), before.end(), target.router().values().begin()));
 }

@@ -137,6 +137,8 @@ void check_agreement(Ref& ref, Fast& fast, Memory& mem, agreement_case c, std::u
       CHECK(relative_error(fp.grad, rp->grad) < tol);
     }
     CHECK(fast.cache_builds() == ref.cache_builds());
+    if (ref.strategy().strategy == strategy::cluster)  // planner state, on the host
+      CHECK(relative_error(flat(fast.cluster_centres()), flat(ref.cluster_centres())) < tol);
     // the comparison is not vacuous: outputs and gradients carry signal
     double ymax = 0, gmax = 0;
     for (T v : y0) ymax = std::max(ymax, std::abs(static_cast<double>(v)));

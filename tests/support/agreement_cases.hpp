@@ -19,6 +19,13 @@ TEST_CASE(SMEAR_AGREEMENT_SUBJECT " equals the reference layer: adapter") {
     check<E, 5>(E{11, 4}, {.B = 4, .L = 6}, 37, {.router = {.layer_norm = false, .temperature = 0.5}});
   }
   SUBCASE("detached router input") { check<E, 3>(E{7, 2}, {}, 38, {.router = {.detach_input = true}}); }
+  SUBCASE("router weights normalised per expert, with and without the router's bias and LayerNorm") {
+    check<E, 4>(E{9, 3}, {.B = 4, .L = 5}, 44, {.router = {.normalize_weights = true, .bias = false}});
+    check<E, 3>(E{7, 2}, {.B = 3, .L = 4}, 45, {.router = {.layer_norm = false, .normalize_weights = true}});
+    check<E, 4>(E{9, 3}, {.B = 4, .L = 5, .losses = true}, 46,
+                official_options({.routing = {.strategy = smear::strategy::top_k, .estimator = estimator::reinforce,
+                                              .baseline = baseline::learned}}));
+  }
   SUBCASE("expert dropout, including rows with every expert dropped") {
     check<E, 6>(E{12, 4}, {.B = 8, .L = 4}, 39, {.router = {.expert_dropout = 0.3}});
     check<E, 2>(E{6, 2}, {.B = 16, .L = 3}, 40, {.router = {.expert_dropout = 0.9}});
@@ -132,6 +139,12 @@ TEST_CASE(SMEAR_AGREEMENT_SUBJECT " equals the reference layer: ensemble, top-k,
   SUBCASE("smear with a fixed distribution per task at inference: the cached merged experts") {
     check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .train = false, .steps = 3, .tags = true, .task_routing = true}, 84);
     check<E, 3>(E{9, 3}, {.B = 5, .L = 3, .tags = true, .task_routing = true}, 85);  // training: the router
+  }
+  SUBCASE("random routing, and cluster routing (its centres move on every forward)") {
+    check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .steps = 3}, 86, {.routing = {.strategy = strategy::random}});
+    check<E, 3>(E{9, 3}, {.B = 7, .L = 4, .steps = 3}, 87, {.routing = {.strategy = strategy::cluster}});
+    check<E, 3>(E{9, 3}, {.B = 5, .L = 3, .train = false, .steps = 3}, 88,
+                {.router = {.pool = pooling::mean}, .routing = {.strategy = strategy::cluster}});
   }
   SUBCASE("latent skills, training and inference") {
     const layer_options o{.routing = {.strategy = strategy::latent_skills, .tasks = 3}};

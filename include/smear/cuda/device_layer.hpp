@@ -176,6 +176,9 @@ class device_layer : public layer_core<Expert, N> {
         c.logits = {logits_host_.data(), B, K};
         c.probabilities = {probs_host_.data(), B, K};
       }
+    } else if (this->planner_->reads_pooled()) {
+      c.pooled = download(router_dev_.pool(*ctx_, this->router_, x.data, lens, B, L), B, this->input_dim(),
+                          features_host_, op);
     }
     this->make_plan(c);
     routing_valid_ = false;

@@ -1,8 +1,9 @@
 #pragma once
 /// \file cuda/device_router.hpp
 /// The router as the cuda backend runs it, in an execution context's memory: pool (masked or
-/// plain mean), LayerNorm (row statistics as GEMMs with a ones vector), logits z = F·Wᵀ (one
-/// GEMM), softmax with temperature and expert dropout; backward from ∂ℓ/∂p or ∂ℓ/∂z through the
+/// plain mean), LayerNorm (row statistics as GEMMs with a ones vector), logits z = F·W̃ᵀ (one
+/// GEMM; W̃ = W or, with normalize_weights, its rows through the same LayerNorm), softmax with
+/// temperature and expert dropout; backward from ∂ℓ/∂p or ∂ℓ/∂z through the
 /// same steps into the router's gradients and, unless detached, the layer's ∂ℓ/∂x. The
 /// parameters' layout and options are those of the host smear::router it mirrors.
 
@@ -45,7 +46,8 @@ class device_router {
     return sizeof(T) * (pooled_.capacity() + normed_.capacity() + features_.capacity() + rstd_.capacity() +
                         logits_.capacity() + soft_.capacity() + used_.capacity() + keep_.capacity() +
                         kept_.capacity() + dlogits_.capacity() + dfeatures_.capacity() +
-                        ln_stats_.capacity() + ln_tmp_.capacity() + ln_tmp2_.capacity() + ones_.capacity());
+                        ln_stats_.capacity() + ln_tmp_.capacity() + ln_tmp2_.capacity() + ones_.capacity() +
+                        wnormed_.capacity() + wtilde_.capacity() + wrstd_.capacity() + dwtilde_.capacity());
   }
 
   /// Routes x ([B, L, d] in the context's memory, `lens` its lengths there or null). With
@@ -65,24 +67,27 @@ class device_router {
       ctx.to_device(keep_.data(), static_cast<const T*>(keep_host_.data()), B * R, op);
       keep_ones_ = drop ? 0 : B * R;
     }
-    detail::pool(pol, x, lens, B, L, d, o.pool == pooling::mean, pooled_.data());
+    pool(ctx, host, x, lens, B, L);
     const T* rv = values_.data();
-    if (o.layer_norm) {
-      T* mean = ln_stats_.data();
-      T* var = ln_stats_.data() + B;
-      const T inv_d = T(1) / static_cast<T>(d);
-      ctx.gemm(false, false, B, 1, d, inv_d, static_cast<const T*>(pooled_.data()), d,
-               static_cast<const T*>(ones_.data()), 1, T(0), mean, 1);
-      detail::center_rows(pol, static_cast<const T*>(pooled_.data()), static_cast<const T*>(mean), B, d,
-                          ln_tmp_.data(), ln_tmp2_.data());
-      ctx.gemm(false, false, B, 1, d, inv_d, static_cast<const T*>(ln_tmp2_.data()), d,
-               static_cast<const T*>(ones_.data()), 1, T(0), var, 1);
-      detail::normalize_rows(pol, static_cast<const T*>(ln_tmp_.data()), static_cast<const T*>(var), rv, rv + d, B,
-                             d, static_cast<T>(o.layer_norm_eps), normed_.data(), features_.data(), rstd_.data());
+    const T eps = static_cast<T>(o.layer_norm_eps);
+    if (o.layer_norm)
+      layer_norm(ctx, pooled_.data(), B, d, rv, rv + d, eps, normed_.data(), features_.data(), rstd_.data());
+    if (o.normalize_weights) {
+      const std::size_t wn = host.weight_norm_offset();
+      layer_norm(ctx, rv + host.weight_offset(), R, d, rv + wn, rv + wn + d, eps, wnormed_.data(), wtilde_.data(),
+                 wrstd_.data());
     }
-    ctx.gemm(false, true, B, R, d, T(1), features(host), d, rv + weight_offset(host), d, T(0), logits_.data(), R);
-    detail::softmax_dropout(pol, logits_.data(), rv + weight_offset(host) + R * d, keep_.data(), B, R, inv_t(host),
-                            soft_.data(), used_.data(), kept_.data());
+    ctx.gemm(false, true, B, R, d, T(1), features(host), d, effective_weight(host), d, T(0), logits_.data(), R);
+    detail::softmax_dropout(pol, logits_.data(), o.bias ? rv + host.bias_offset() : static_cast<const T*>(nullptr),
+                            keep_.data(), B, R, inv_t(host), soft_.data(), used_.data(), kept_.data());
+  }
+
+  /// The router's first step alone: each example's pooled input, [B, d] in the context's memory.
+  const T* pool(Ctx& ctx, const smear::router<T>& host, const T* x, const std::int32_t* lens, std::size_t B,
+                std::size_t L) {
+    reserve(ctx, host, B);
+    detail::pool(ctx.policy(), x, lens, B, L, host.input_dim(), host.options().pool == pooling::mean, pooled_.data());
+    return pooled_.data();
   }
 
   /// From ∂ℓ/∂p ([B, K] in the context's memory) or, when `dprobs` is null, from ∂ℓ/∂z in
@@ -99,25 +104,19 @@ class device_router {
     const T* rv = values_.data();
     T* rg = grads_.data();
     const T* dz = dlogits_.data();
-    ctx.gemm(true, false, R, d, B, T(1), dz, R, features(host), d, T(1), rg + weight_offset(host), d);
-    detail::add_column_sums(pol, dz, static_cast<const T*>(nullptr), B, R, rg + weight_offset(host) + R * d);
-    ctx.gemm(false, false, B, d, R, T(1), dz, R, rv + weight_offset(host), d, T(0), dfeatures_.data(), d);
-    if (o.layer_norm) {
-      // dgain += Σ_b df ⊙ normed, dshift += Σ_b df; then ∂ℓ/∂h with the row means as GEMMs
-      const T* nrm = normed_.data();
-      T* df = dfeatures_.data();
-      detail::add_column_sums(pol, static_cast<const T*>(df), nrm, B, d, rg);
-      detail::add_column_sums(pol, static_cast<const T*>(df), static_cast<const T*>(nullptr), B, d, rg + d);
-      detail::layer_norm_grad_prepare(pol, df, rv, nrm, B, d, ln_tmp_.data());
-      T* mean_dn = ln_stats_.data();
-      T* mean_dn_n = ln_stats_.data() + B;
-      const T inv_d = T(1) / static_cast<T>(d);
-      const T* ones = ones_.data();
-      ctx.gemm(false, false, B, 1, d, inv_d, static_cast<const T*>(df), d, ones, 1, T(0), mean_dn, 1);
-      ctx.gemm(false, false, B, 1, d, inv_d, static_cast<const T*>(ln_tmp_.data()), d, ones, 1, T(0), mean_dn_n, 1);
-      detail::layer_norm_grad_finish(pol, df, nrm, static_cast<const T*>(rstd_.data()), static_cast<const T*>(mean_dn),
-                                     static_cast<const T*>(mean_dn_n), B, d);
+    // dW̃ = dZᵀ·F (through the rows' LayerNorm into dW with normalize_weights), dc += Σ dZ, dF = dZ·W̃
+    if (o.normalize_weights) {
+      const std::size_t wn = host.weight_norm_offset();
+      ctx.gemm(true, false, R, d, B, T(1), dz, R, features(host), d, T(0), dwtilde_.data(), d);
+      layer_norm_backward(ctx, dwtilde_.data(), R, d, rv + wn, wnormed_.data(), wrstd_.data(), rg + wn, rg + wn + d);
+      detail::accumulate(pol, static_cast<const T*>(dwtilde_.data()), R * d, rg + host.weight_offset());
+    } else {
+      ctx.gemm(true, false, R, d, B, T(1), dz, R, features(host), d, T(1), rg + host.weight_offset(), d);
     }
+    if (o.bias) detail::add_column_sums(pol, dz, static_cast<const T*>(nullptr), B, R, rg + host.bias_offset());
+    ctx.gemm(false, false, B, d, R, T(1), dz, R, effective_weight(host), d, T(0), dfeatures_.data(), d);
+    if (o.layer_norm)
+      layer_norm_backward(ctx, dfeatures_.data(), B, d, rv, normed_.data(), rstd_.data(), rg, rg + d);
     if (!o.detach_input)
       detail::spread_pooled(pol, static_cast<const T*>(dfeatures_.data()), lens, B, L, d, o.pool == pooling::mean, dx);
   }
@@ -133,17 +132,63 @@ class device_router {
   }
 
  private:
+  /// LayerNorm of `rows` rows of `in` [rows, d], as smear::router computes it, with the row
+  /// statistics as GEMMs with a ones vector: normed = (in − mean)·rstd, out = normed ⊙ gain + shift.
+  void layer_norm(Ctx& ctx, const T* in, std::size_t rows, std::size_t d, const T* gain, const T* shift, T eps,
+                  T* normed, T* out, T* rstd) {
+    auto pol = ctx.policy();
+    T* mean = ln_stats_.data();
+    T* var = ln_stats_.data() + rows;
+    const T inv_d = T(1) / static_cast<T>(d);
+    const T* ones = ones_.data();
+    ctx.gemm(false, false, rows, 1, d, inv_d, in, d, ones, 1, T(0), mean, 1);
+    detail::center_rows(pol, in, static_cast<const T*>(mean), rows, d, ln_tmp_.data(), ln_tmp2_.data());
+    ctx.gemm(false, false, rows, 1, d, inv_d, static_cast<const T*>(ln_tmp2_.data()), d, ones, 1, T(0), var, 1);
+    detail::normalize_rows(pol, static_cast<const T*>(ln_tmp_.data()), static_cast<const T*>(var), gain, shift, rows,
+                           d, eps, normed, out, rstd);
+  }
+  /// Its backward: `g` [rows, d] holds ∂ℓ/∂out and becomes ∂ℓ/∂in; dgain += Σ g ⊙ normed,
+  /// dshift += Σ g.
+  void layer_norm_backward(Ctx& ctx, T* g, std::size_t rows, std::size_t d, const T* gain, const T* normed,
+                           const T* rstd, T* dgain, T* dshift) {
+    auto pol = ctx.policy();
+    detail::add_column_sums(pol, static_cast<const T*>(g), normed, rows, d, dgain);
+    detail::add_column_sums(pol, static_cast<const T*>(g), static_cast<const T*>(nullptr), rows, d, dshift);
+    detail::layer_norm_grad_prepare(pol, g, gain, normed, rows, d, ln_tmp_.data());
+    T* mean_dn = ln_stats_.data();
+    T* mean_dn_n = ln_stats_.data() + rows;
+    const T inv_d = T(1) / static_cast<T>(d);
+    const T* ones = ones_.data();
+    ctx.gemm(false, false, rows, 1, d, inv_d, static_cast<const T*>(g), d, ones, 1, T(0), mean_dn, 1);
+    ctx.gemm(false, false, rows, 1, d, inv_d, static_cast<const T*>(ln_tmp_.data()), d, ones, 1, T(0), mean_dn_n, 1);
+    detail::layer_norm_grad_finish(pol, g, normed, rstd, static_cast<const T*>(mean_dn),
+                                   static_cast<const T*>(mean_dn_n), rows, d);
+  }
+  const T* effective_weight(const smear::router<T>& host) const noexcept {
+    return host.options().normalize_weights ? wtilde_.data() : values_.data() + host.weight_offset();
+  }
+
   void reserve(Ctx& ctx, const smear::router<T>& host, std::size_t B) {
     const std::size_t d = host.input_dim(), R = host.outputs();
+    const auto& o = host.options();
     if (keep_.capacity() < B * R) keep_ones_ = 0;
     pooled_.reserve(B * d, "the pooled inputs");
-    if (host.options().layer_norm) {
+    if (o.layer_norm) {
       normed_.reserve(B * d, "the normalised pooled inputs");
       features_.reserve(B * d, "the router features");
       rstd_.reserve(B, "the LayerNorm scales");
-      ln_stats_.reserve(2 * B, "the LayerNorm statistics");
-      ln_tmp_.reserve(B * d, "the LayerNorm workspace");
-      ln_tmp2_.reserve(B * d, "the LayerNorm workspace");
+    }
+    if (o.normalize_weights) {
+      wnormed_.reserve(R * d, "the normalised router weight rows");
+      wtilde_.reserve(R * d, "the router's effective weight");
+      wrstd_.reserve(R, "the weight rows' LayerNorm scales");
+      dwtilde_.reserve(R * d, "the effective weight's gradient");
+    }
+    if (o.layer_norm || o.normalize_weights) {
+      const std::size_t rows = std::max(o.layer_norm ? B : 0, o.normalize_weights ? R : 0);
+      ln_stats_.reserve(2 * rows, "the LayerNorm statistics");
+      ln_tmp_.reserve(rows * d, "the LayerNorm workspace");
+      ln_tmp2_.reserve(rows * d, "the LayerNorm workspace");
     }
     logits_.reserve(B * R, "the logits");
     soft_.reserve(B * R, "the softmax");
@@ -154,13 +199,10 @@ class device_router {
     dfeatures_.reserve(B * d, "the feature gradients");
     ones(ctx, std::max(d, B));
   }
-  static std::size_t weight_offset(const smear::router<T>& host) noexcept {
-    return host.options().layer_norm ? 2 * host.input_dim() : 0;
-  }
   static T inv_t(const smear::router<T>& host) noexcept { return static_cast<T>(1.0 / host.options().temperature); }
 
   buf<T> values_, grads_, pooled_, normed_, features_, rstd_, logits_, soft_, used_, keep_, kept_, dlogits_,
-      dfeatures_, ln_stats_, ln_tmp_, ln_tmp2_, ones_;
+      dfeatures_, ln_stats_, ln_tmp_, ln_tmp2_, ones_, wnormed_, wtilde_, wrstd_, dwtilde_;
   std::vector<T> keep_host_;
   std::size_t keep_ones_ = 0;   ///< leading entries of keep_ known to be 1 on the device
   std::size_t ones_count_ = 0;

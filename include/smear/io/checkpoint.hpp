@@ -21,7 +21,10 @@
 ///
 /// Layers whose strategy has no learned router (tag, hash, AdaMix, latent skills) store no
 /// router tensors; latent skills add `<prefix>skills.logits` [tasks, N], and REINFORCE with a
-/// learned baseline adds `<prefix>baseline.parameters` [count] (its flat parameter vector).
+/// learned baseline adds `<prefix>baseline.parameters` [count] (its flat parameter vector),
+/// cluster routing `<prefix>clusters` [N, d] (its centres).
+/// A layer also records its training-step count (which schedules read) as the `__metadata__`
+/// entry `<prefix>smear.training_steps`; loading restores it when the entry is there.
 ///
 /// In PyTorch these are `torch.stack([e.down.weight for e in experts])` etc.; beware that
 /// `nn.Linear.weight` is [out, in] while the adapter's `down.weight` is [in, out].
@@ -37,7 +40,9 @@
 ///
 /// Link the `smear::io` CMake target (it adds nlohmann/json).
 
+#include <charconv>
 #include <cstddef>
+#include <cstdint>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -142,6 +147,24 @@ bool has_learned_baseline(const Layer& l) noexcept {
   return s.strategy == strategy::top_k && s.estimator == estimator::reinforce && s.baseline == baseline::learned;
 }
 
+/// The metadata key of a layer's training-step count.
+inline std::string training_steps_key(std::string_view prefix) { return std::string(prefix) + "smear.training_steps"; }
+
+/// The training-step count recorded for `prefix` in `file`, if any; io_error when the entry
+/// is not a decimal count.
+inline std::optional<std::uint64_t> read_training_steps(const safetensors_file& file, std::string_view prefix) {
+  const auto key = training_steps_key(prefix);
+  const auto it = file.metadata().find(key);
+  if (it == file.metadata().end()) return std::nullopt;
+  const std::string& v = it->second;
+  std::uint64_t n = 0;
+  const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
+  if (v.empty() || ec != std::errc{} || end != v.data() + v.size())
+    throw io_error(message("smear::load: '", file.name(), "': metadata '", key, "' is '", v,
+                           "', expected a decimal training-step count"));
+  return n;
+}
+
 inline void add_metadata(safetensors_writer& out, const save_options& options) {
   out.metadata("format", "pt");
   out.metadata("smear.version", std::to_string(SMEAR_VERSION_MAJOR) + "." + std::to_string(SMEAR_VERSION_MINOR) +
@@ -200,6 +223,11 @@ void add(safetensors_writer& out, layer<Expert, N, Backend>& l, std::string_view
     const auto v = l.baseline().values();
     out.add(std::string(prefix) + "baseline.parameters", std::span<const T>(v), {v.size()}, as);
   }
+  if (cl.strategy().strategy == strategy::cluster) {
+    const auto c = cl.cluster_centres();
+    out.add(std::string(prefix) + "clusters", std::span<const T>(c.data, c.rows * c.cols), {c.rows, c.cols}, as);
+  }
+  out.metadata(detail::training_steps_key(prefix), std::to_string(cl.training_steps()));
 }
 
 // ---- loading from an open file (several banks, routers or layers in one file) ----
@@ -239,7 +267,16 @@ void load(const safetensors_file& file, layer<Expert, N, Backend>& l, std::strin
                          "the REINFORCE baseline", std::span<T>(s.values));
     staged.push_back(std::move(s));
   }
+  if (l.strategy().strategy == strategy::cluster) {
+    auto c = l.cluster_centres();
+    detail::staged_values<T> s{{c.data, c.rows * c.cols}, std::vector<T>(c.rows * c.cols)};
+    detail::read_checked(file, std::string(prefix) + "clusters", map, {c.rows, c.cols}, "the cluster centres",
+                         std::span<T>(s.values));
+    staged.push_back(std::move(s));
+  }
+  const auto steps = detail::read_training_steps(file, prefix);
   for (const auto& s : staged) detail::commit(s);
+  if (steps) l.set_training_steps(*steps);
   l.invalidate_cache();
 }
 

@@ -2,7 +2,7 @@
 /// \file routing/baseline.hpp
 /// The baseline REINFORCE subtracts from each example's loss: a moving average of the loss,
 /// or (as the official SMEAR code) a linear–linear net on the detached router features,
-/// trained by squared error to predict the loss.
+/// trained to predict the loss by squared error or (the official code's) Huber loss.
 
 #include <algorithm>
 #include <cmath>
@@ -22,8 +22,8 @@ template <class T>
 class reinforce_baseline {
  public:
   reinforce_baseline(smear::baseline kind, std::size_t dim, std::size_t hidden, double momentum,
-                     rng& gen)
-      : kind_(kind), d_(dim), h_(hidden), momentum_(momentum) {
+                     rng& gen, smear::value_loss loss = value_loss::squared, double delta = 1.0)
+      : kind_(kind), d_(dim), h_(hidden), momentum_(momentum), loss_(loss), delta_(delta) {
     if (kind_ != baseline::learned) return;
     values_.assign(h_ * d_ + h_ + h_ + 1, T(0));
     grads_.assign(values_.size(), T(0));
@@ -73,7 +73,7 @@ class reinforce_baseline {
   }
 
   /// After predict(): moves the average, or accumulates the gradient of the learned
-  /// baseline's loss mean_b (baseline_b − loss_b)².
+  /// baseline's value loss: mean_b (baseline_b − loss_b)², or mean_b huber_δ(baseline_b − loss_b).
   void update(matrix_ref<const T> features, std::span<const T> losses, std::span<const T> predicted) {
     const std::size_t B = losses.size();
     T mean = 0;
@@ -89,7 +89,7 @@ class reinforce_baseline {
     T* gb2 = gw2 + h_;
     const T* w2 = values_.data() + h_ * d_ + h_;
     for (std::size_t b = 0; b < B; ++b) {
-      const T r = T(2) * (predicted[b] - losses[b]) / static_cast<T>(B);
+      const T r = value_loss_derivative(predicted[b] - losses[b]) / static_cast<T>(B);
       *gb2 += r;
       for (std::size_t i = 0; i < h_; ++i) {
         gw2[i] += r * hidden_[b * h_ + i];
@@ -101,9 +101,18 @@ class reinforce_baseline {
   }
 
  private:
+  /// ∂/∂r of the value loss of one example at residual r.
+  T value_loss_derivative(T r) const noexcept {
+    if (loss_ == value_loss::squared) return T(2) * r;
+    const T delta = static_cast<T>(delta_);
+    return std::clamp(r, -delta, delta);
+  }
+
   smear::baseline kind_;
   std::size_t d_, h_;
   double momentum_;
+  smear::value_loss loss_;
+  double delta_;
   T average_ = 0;
   bool started_ = false;
   std::vector<T> values_, grads_, hidden_;

@@ -83,7 +83,7 @@ void reinforce_gradient(std::span<const T> p, std::size_t e, T adv, T bonus, T i
     if (v > T(0)) hdot += v * (std::log(v) + T(1));
   for (std::size_t i = 0; i < p.size(); ++i) {
     dz[i] = adv * ((i == e ? T(1) : T(0)) - p[i]) * inv_t;
-    if (bonus > T(0) && p[i] > T(0)) dz[i] += bonus * p[i] * (std::log(p[i]) + T(1) - hdot) * inv_t;
+    if (bonus != T(0) && p[i] > T(0)) dz[i] += bonus * p[i] * (std::log(p[i]) + T(1) - hdot) * inv_t;
   }
 }
 

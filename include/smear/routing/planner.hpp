@@ -41,9 +41,11 @@ struct route_context {
   std::span<const std::int32_t> lengths{};  ///< valid tokens per example; empty: all
   route_inputs in{};
   bool training = true;
+  std::uint64_t step = 0;               ///< the layer's training steps completed before this forward
   matrix_ref<const T> logits{};         ///< [B, K]: the router's logits z
   matrix_ref<const T> probabilities{};  ///< [B, N]: softmax(z / τ), after expert dropout
   T inv_temperature = T(1);             ///< 1 / τ of the router
+  matrix_ref<const T> pooled{};         ///< [B, d]: each example's pooled input (planners that reads_pooled())
 
   std::size_t valid(std::size_t b) const noexcept {
     return lengths.empty() ? length : static_cast<std::size_t>(lengths[b]);
@@ -66,6 +68,9 @@ class planner {
   /// Whether plan() reads the router's logits and probabilities (a device executor copies them
   /// to the host for it).
   virtual bool reads_router() const noexcept { return false; }
+  /// Whether plan() reads each example's pooled input (the router's pooling, nothing more),
+  /// given in route_context::pooled on the host.
+  virtual bool reads_pooled() const noexcept { return false; }
   /// The batch's plan; every sampled decision is drawn from `gen`.
   virtual void plan(const route_context<T>& ctx, rng& gen, routing_plan<T>& out) = 0;
 

@@ -9,11 +9,13 @@
 #include "smear/layout.hpp"
 #include "smear/random.hpp"
 #include "smear/routing/adamix.hpp"
+#include "smear/routing/cluster.hpp"
 #include "smear/routing/dselect.hpp"
 #include "smear/routing/ensemble.hpp"
 #include "smear/routing/hash.hpp"
 #include "smear/routing/latent_skills.hpp"
 #include "smear/routing/planner.hpp"
+#include "smear/routing/random.hpp"
 #include "smear/routing/reinforce.hpp"
 #include "smear/routing/smear.hpp"
 #include "smear/routing/st_gumbel.hpp"
@@ -38,9 +40,11 @@ std::unique_ptr<planner<T>> make_planner(const strategy_options& o, std::size_t 
     case strategy::hash: return std::make_unique<hash_planner<T>>(experts, P, o.hash_seed);
     case strategy::adamix: return std::make_unique<adamix_planner<T>>(experts, layout);
     case strategy::latent_skills: return std::make_unique<latent_skills_planner<T>>(experts, o, init);
+    case strategy::random: return std::make_unique<random_planner<T>>(experts, P);
+    case strategy::cluster: return std::make_unique<cluster_planner<T>>(experts, P, features, o, init);
     case strategy::top_k:
       switch (o.estimator) {
-        case estimator::st_gumbel: return std::make_unique<st_gumbel_planner<T>>(experts, o.k);
+        case estimator::st_gumbel: return std::make_unique<st_gumbel_planner<T>>(experts, o.k, o.gumbel_temperature);
         case estimator::reinforce: return std::make_unique<reinforce_planner<T>>(experts, o, features, init);
         case estimator::dselect: return std::make_unique<dselect_planner<T>>(experts, o);
         case estimator::switch_gate: return std::make_unique<switch_planner<T>>(experts, o.k, o.switch_renormalize);

@@ -1,8 +1,8 @@
 #pragma once
 /// \file routing/reinforce.hpp
 /// Top-1 routing trained by REINFORCE: in training e ~ p (at evaluation the argmax) runs with
-/// coefficient 1; the router's gradient is that of mean_b (ℓ_b − baseline_b)·log p_b(e_b)
-/// − bonus·H(p_b), from each example's loss given to backward(). The baseline is a moving
+/// coefficient 1; the router's gradient is that of mean_b w·(ℓ_b − baseline_b)·log p_b(e_b)
+/// − bonus·H(p_b) (w the policy weight), from each example's loss given to backward(). The baseline is a moving
 /// average of the loss or a small net on the router's detached features (routing/baseline.hpp).
 
 #include <cstddef>
@@ -19,8 +19,8 @@ template <class T>
 class reinforce_planner : public planner_base<reinforce_planner<T>, T> {
  public:
   reinforce_planner(std::size_t experts, const strategy_options& o, std::size_t features, rng& init)
-      : n_(experts), bonus_(o.entropy_bonus),
-        baseline_(o.baseline, features, o.baseline_hidden, o.baseline_momentum, init) {}
+      : n_(experts), bonus_(o.entropy_bonus), policy_weight_(o.policy_weight),
+        baseline_(o.baseline, features, o.baseline_hidden, o.baseline_momentum, init, o.value_loss, o.huber_delta) {}
 
   reinforce_baseline<T>& baseline() noexcept { return baseline_; }
   const reinforce_baseline<T>& baseline() const noexcept { return baseline_; }
@@ -38,7 +38,7 @@ class reinforce_planner : public planner_base<reinforce_planner<T>, T> {
       const auto e = static_cast<std::int32_t>(estimate::sample_or_argmax<T>(p, c.training, gen));
       out.expert[b] = out.choices[b] = e;
       out.coef[b] = T(1);
-      if (bonus_ > 0.0)
+      if (bonus_ != 0.0)
         out.auxiliary_loss -= static_cast<T>(bonus_) * estimate::entropy<T>(p) / static_cast<T>(B);
     }
   }
@@ -55,7 +55,8 @@ class reinforce_planner : public planner_base<reinforce_planner<T>, T> {
     auto dz = this->gradient_buffer(B, n_);
     for (std::size_t b = 0; b < B; ++b)
       estimate::reinforce_gradient<T>(p.weight_matrix().row(b), static_cast<std::size_t>(p.expert[b]),
-                                      (fb.losses[b] - base_[b]) * inv_b, static_cast<T>(bonus_) * inv_b, inv_t_,
+                                      static_cast<T>(policy_weight_) * (fb.losses[b] - base_[b]) * inv_b,
+                                      static_cast<T>(bonus_) * inv_b, inv_t_,
                                       dz.row(b));
     baseline_.update(fb.features, fb.losses, base_);
     return router_gradient::logits;
@@ -65,7 +66,7 @@ class reinforce_planner : public planner_base<reinforce_planner<T>, T> {
 
  private:
   std::size_t n_;
-  double bonus_;
+  double bonus_, policy_weight_;
   T inv_t_ = T(1);
   reinforce_baseline<T> baseline_;
   std::vector<T> base_;

@@ -1,8 +1,9 @@
 #pragma once
 /// \file routing/router.hpp
-/// The per-example router: pool the tokens, optionally LayerNorm, a linear map to N logits,
-/// softmax with temperature, and expert dropout in training. Its backward returns the
-/// gradient to the pooled input spread over the tokens.
+/// The per-example router: pool the tokens, optionally LayerNorm, a linear map to N logits
+/// (its weight optionally normalised per expert), softmax with temperature, and expert
+/// dropout in training. Its backward returns the gradient to the pooled input spread over
+/// the tokens.
 
 #include <algorithm>
 #include <cmath>
@@ -36,6 +37,11 @@ struct router_options {
   double expert_dropout = 0.0;   ///< in training, drop each p_e with this probability, renormalise
   double init_std = 0.01;        ///< N(0, init_std²) for the router weight; bias starts at 0
   double layer_norm_eps = 1e-5;
+  /// The official code's normalize_router_weights: the linear map uses LayerNorm(W_e) of each
+  /// expert's weight row over the input axis, with a learnable gain (starting at init_std) and
+  /// shift (starting at 0) shared by the experts.
+  bool normalize_weights = false;
+  bool bias = true;              ///< a learned bias per output (the official code's no_router_bias: false)
 };
 
 /// Throws value_error when an option is outside its domain.
@@ -54,8 +60,9 @@ inline void validate(const router_options& o) {
 /// Routes each example of a batch to a distribution over N experts.
 ///
 /// Parameters, one contiguous vector: `layer_norm.weight` [d] and `layer_norm.bias` [d] (only
-/// with layer_norm), `weight` [K, d], `bias` [K], for K outputs (one per expert for softmax
-/// routing; DSelect-k uses ⌈log₂ N⌉ gate logits).
+/// with layer_norm), `weight_norm.weight` [d] and `weight_norm.bias` [d] (only with
+/// normalize_weights), `weight` [K, d], `bias` [K] (unless bias is off), for K outputs (one per
+/// expert for softmax routing; DSelect-k uses ⌈log₂ N⌉ gate logits).
 template <class T>
 class router {
  public:
@@ -73,8 +80,22 @@ class router {
     layout_builder b;
     if (opt_.layer_norm)
       b.add("layer_norm.weight", {d_}, init_rule::ones()).add("layer_norm.bias", {d_}, init_rule::zeros());
-    b.add("weight", {k_, d_}, init_rule::normal(opt_.init_std)).add("bias", {k_}, init_rule::zeros());
+    if (opt_.normalize_weights)
+      b.add("weight_norm.weight", {d_}, init_rule::constant(opt_.init_std))
+          .add("weight_norm.bias", {d_}, init_rule::zeros());
+    b.add("weight", {k_, d_}, init_rule::normal(opt_.init_std));
+    if (opt_.bias) b.add("bias", {k_}, init_rule::zeros());
     layout_ = b.build();
+    for (const auto& s : layout_) {
+      if (s.name == "weight_norm.weight") wn_offset_ = s.offset;
+      if (s.name == "weight") w_offset_ = s.offset;
+    }
+    if (opt_.normalize_weights) {
+      wnormed_.resize(k_ * d_);
+      wtilde_.resize(k_ * d_);
+      wrstd_.resize(k_);
+      dwtilde_.resize(k_ * d_);
+    }
     values_.assign(layout_size(layout_), T(0));
     grads_.assign(values_.size(), T(0));
     rng gen{seed};
@@ -118,46 +139,27 @@ class router {
     return sizeof(T) * (pooled_.capacity() + normed_.capacity() + features_.capacity() +
                         rstd_.capacity() + logits_.capacity() + soft_.capacity() +
                         used_.capacity() + keep_.capacity() + kept_.capacity() + dlogits_.capacity() +
-                        dfeatures_.capacity());
+                        dfeatures_.capacity() + wnormed_.capacity() + wtilde_.capacity() + wrstd_.capacity() +
+                        dwtilde_.capacity());
   }
 
   /// Routes a batch (shapes checked by the caller). With `training` and expert_dropout > 0,
   /// drops experts using `gen`.
   template <class Backend>
   void forward(Backend be, tokens<const T> x, bool training, rng& gen) {
-    reserve(x.batch);
     const std::size_t B = x.batch;
-    // pool
-    backend::parallel_for(be, B, [&](std::size_t b, std::size_t) {
-      const std::size_t rows = opt_.pool == pooling::mean ? x.length : x.valid(b);
-      std::span<T> h(pooled_.data() + b * d_, d_);
-      backend::column_sums<T>(be, x.example(b).middle_rows(0, rows), h);
-      const T inv = T(1) / static_cast<T>(rows);
-      for (auto& v : h) v *= inv;
-    });
-    // layer norm
-    if (opt_.layer_norm) {
-      const T* gain = values_.data();
-      const T* shift = values_.data() + d_;
-      for (std::size_t b = 0; b < B; ++b) {
-        const T* h = pooled_.data() + b * d_;
-        T mean = 0, var = 0;
-        for (std::size_t j = 0; j < d_; ++j) mean += h[j];
-        mean /= static_cast<T>(d_);
-        for (std::size_t j = 0; j < d_; ++j) var += (h[j] - mean) * (h[j] - mean);
-        var /= static_cast<T>(d_);
-        const T rstd = T(1) / std::sqrt(var + static_cast<T>(opt_.layer_norm_eps));
-        rstd_[b] = rstd;
-        for (std::size_t j = 0; j < d_; ++j) {
-          normed_[b * d_ + j] = (h[j] - mean) * rstd;
-          features_[b * d_ + j] = normed_[b * d_ + j] * gain[j] + shift[j];
-        }
-      }
-    }
+    pool(be, x);
+    const T eps = static_cast<T>(opt_.layer_norm_eps);
+    if (opt_.layer_norm)
+      layer_norm_rows(B, pooled_.data(), values_.data(), values_.data() + d_, eps, normed_.data(), features_.data(),
+                      rstd_.data());
+    if (opt_.normalize_weights)
+      layer_norm_rows(k_, values_.data() + w_offset_, values_.data() + wn_offset_, values_.data() + wn_offset_ + d_,
+                      eps, wnormed_.data(), wtilde_.data(), wrstd_.data());
     // logits z = f·Wᵀ + c, softmax(z / τ)
     const std::size_t N = k_;
     matrix_ref<T> z{logits_.data(), B, N};
-    backend::gemm<T>(be, false, true, T(1), features(), weight(), T(0), z);
+    backend::gemm<T>(be, false, true, T(1), features(), effective_weight(), T(0), z);
     const T inv_t = static_cast<T>(1.0 / opt_.temperature);
     const bool drop = training && opt_.expert_dropout > 0.0;
     for (std::size_t b = 0; b < B; ++b) {
@@ -165,7 +167,7 @@ class router {
       T* pb = soft_.data() + b * N;
       T zmax = -std::numeric_limits<T>::infinity();
       for (std::size_t e = 0; e < N; ++e) {
-        zb[e] += bias()[e];
+        if (opt_.bias) zb[e] += bias()[e];
         zmax = std::max(zmax, zb[e] * inv_t);
       }
       T sum = 0;
@@ -185,6 +187,20 @@ class router {
       kept_[b] = kept;
       for (std::size_t e = 0; e < N; ++e) ub[e] = kb[e] * pb[e] / kept;
     }
+  }
+
+  /// The router's first step alone: each example's pooled input (options().pool), [B, d].
+  template <class Backend>
+  matrix_ref<const T> pool(Backend be, tokens<const T> x) {
+    reserve(x.batch);
+    backend::parallel_for(be, x.batch, [&](std::size_t b, std::size_t) {
+      const std::size_t rows = opt_.pool == pooling::mean ? x.length : x.valid(b);
+      std::span<T> h(pooled_.data() + b * d_, d_);
+      backend::column_sums<T>(be, x.example(b).middle_rows(0, rows), h);
+      const T inv = T(1) / static_cast<T>(rows);
+      for (auto& v : h) v *= inv;
+    });
+    return {pooled_.data(), x.batch, d_};
   }
 
   /// Given ∂ℓ/∂p ([B, K], for the probabilities of the last forward), accumulates the
@@ -215,33 +231,24 @@ class router {
   void backward_logits(Backend be, matrix_ref<const T> dz, tokens<T> dx) {
     const std::size_t B = batch_, N = k_;
 
-    // dW += dZᵀ·F, dc += Σ dZ, dF = dZ·W
-    backend::gemm<T>(be, true, false, T(1), dz, features(), T(1), weight_grad());
-    for (std::size_t b = 0; b < B; ++b)
-      for (std::size_t e = 0; e < N; ++e) bias_grad()[e] += dz(b, e);
-    matrix_ref<T> df{dfeatures_.data(), B, d_};
-    backend::gemm<T>(be, false, false, T(1), dz, weight(), T(0), df);
-    if (opt_.layer_norm) {
-      const T* gain = values_.data();
-      T* dgain = grads_.data();
-      T* dshift = grads_.data() + d_;
-      for (std::size_t b = 0; b < B; ++b) {
-        T* dfb = dfeatures_.data() + b * d_;
-        const T* nb = normed_.data() + b * d_;
-        T mean_dn = 0, mean_dn_n = 0;
-        for (std::size_t j = 0; j < d_; ++j) {
-          dgain[j] += dfb[j] * nb[j];
-          dshift[j] += dfb[j];
-          dfb[j] *= gain[j];  // now ∂ℓ/∂n
-          mean_dn += dfb[j];
-          mean_dn_n += dfb[j] * nb[j];
-        }
-        mean_dn /= static_cast<T>(d_);
-        mean_dn_n /= static_cast<T>(d_);
-        for (std::size_t j = 0; j < d_; ++j)
-          dfb[j] = rstd_[b] * (dfb[j] - mean_dn - nb[j] * mean_dn_n);  // now ∂ℓ/∂h
-      }
+    // dW̃ = dZᵀ·F (W̃ = W, or its normalised rows), dc += Σ dZ, dF = dZ·W̃
+    if (opt_.normalize_weights) {
+      matrix_ref<T> dwt{dwtilde_.data(), k_, d_};
+      backend::gemm<T>(be, true, false, T(1), dz, features(), T(0), dwt);
+      layer_norm_rows_backward(k_, dwtilde_.data(), values_.data() + wn_offset_, wnormed_.data(), wrstd_.data(),
+                               grads_.data() + wn_offset_, grads_.data() + wn_offset_ + d_);
+      backend::axpy<T>(be, T(1), std::span<const T>(dwtilde_), {grads_.data() + w_offset_, k_ * d_});
+    } else {
+      backend::gemm<T>(be, true, false, T(1), dz, features(), T(1), weight_grad());
     }
+    if (opt_.bias)
+      for (std::size_t b = 0; b < B; ++b)
+        for (std::size_t e = 0; e < N; ++e) bias_grad()[e] += dz(b, e);
+    matrix_ref<T> df{dfeatures_.data(), B, d_};
+    backend::gemm<T>(be, false, false, T(1), dz, effective_weight(), T(0), df);
+    if (opt_.layer_norm)
+      layer_norm_rows_backward(B, dfeatures_.data(), values_.data(), normed_.data(), rstd_.data(), grads_.data(),
+                               grads_.data() + d_);
     if (opt_.detach_input) return;
     // spread ∂ℓ/∂h over the pooled tokens
     backend::parallel_for(be, B, [&](std::size_t b, std::size_t) {
@@ -274,13 +281,61 @@ class router {
     dlogits_.resize(B * N);
     dfeatures_.resize(B * d_);
   }
-  std::size_t weight_offset() const noexcept { return opt_.layer_norm ? 2 * d_ : 0; }
-  matrix_ref<const T> weight() const { return {values_.data() + weight_offset(), k_, d_}; }
-  matrix_ref<T> weight_grad() { return {grads_.data() + weight_offset(), k_, d_}; }
-  const T* bias() const { return values_.data() + weight_offset() + k_ * d_; }
-  T* bias_grad() { return grads_.data() + weight_offset() + k_ * d_; }
+  /// LayerNorm of each of `rows` rows of `in` [rows, d]: normed = (in − mean)·rstd,
+  /// out = normed ⊙ gain + shift (the pooled inputs, and with normalize_weights the weight rows).
+  void layer_norm_rows(std::size_t rows, const T* in, const T* gain, const T* shift, T eps, T* normed, T* out,
+                       T* rstd) const {
+    for (std::size_t b = 0; b < rows; ++b) {
+      const T* h = in + b * d_;
+      T mean = 0, var = 0;
+      for (std::size_t j = 0; j < d_; ++j) mean += h[j];
+      mean /= static_cast<T>(d_);
+      for (std::size_t j = 0; j < d_; ++j) var += (h[j] - mean) * (h[j] - mean);
+      var /= static_cast<T>(d_);
+      const T r = T(1) / std::sqrt(var + eps);
+      rstd[b] = r;
+      for (std::size_t j = 0; j < d_; ++j) {
+        normed[b * d_ + j] = (h[j] - mean) * r;
+        out[b * d_ + j] = normed[b * d_ + j] * gain[j] + shift[j];
+      }
+    }
+  }
+  /// Its backward: `g` [rows, d] holds ∂ℓ/∂out and becomes ∂ℓ/∂in; dgain and dshift accumulate.
+  void layer_norm_rows_backward(std::size_t rows, T* g, const T* gain, const T* normed, const T* rstd, T* dgain,
+                                T* dshift) const {
+    for (std::size_t b = 0; b < rows; ++b) {
+      T* gb = g + b * d_;
+      const T* nb = normed + b * d_;
+      T mean_dn = 0, mean_dn_n = 0;
+      for (std::size_t j = 0; j < d_; ++j) {
+        dgain[j] += gb[j] * nb[j];
+        dshift[j] += gb[j];
+        gb[j] *= gain[j];  // now ∂ℓ/∂n
+        mean_dn += gb[j];
+        mean_dn_n += gb[j] * nb[j];
+      }
+      mean_dn /= static_cast<T>(d_);
+      mean_dn_n /= static_cast<T>(d_);
+      for (std::size_t j = 0; j < d_; ++j) gb[j] = rstd[b] * (gb[j] - mean_dn - nb[j] * mean_dn_n);  // ∂ℓ/∂in
+    }
+  }
+
+  matrix_ref<const T> weight() const { return {values_.data() + w_offset_, k_, d_}; }
+  matrix_ref<T> weight_grad() { return {grads_.data() + w_offset_, k_, d_}; }
+  const T* bias() const { return values_.data() + bias_offset(); }
+  T* bias_grad() { return grads_.data() + bias_offset(); }
 
  public:
+  /// Where the tensors start in values(): the weight normalisation's gain (its shift follows,
+  /// d later), the weight [K, d], the bias [K] (each only when the options have it).
+  std::size_t weight_norm_offset() const noexcept { return wn_offset_; }
+  std::size_t weight_offset() const noexcept { return w_offset_; }
+  std::size_t bias_offset() const noexcept { return w_offset_ + k_ * d_; }
+  /// The weight the logits use, [K, d]: W, or with normalize_weights its normalised rows
+  /// W̃_e = LayerNorm(W_e) of the last forward.
+  matrix_ref<const T> effective_weight() const {
+    return opt_.normalize_weights ? matrix_ref<const T>{wtilde_.data(), k_, d_} : weight();
+  }
   /// What the linear map reads: the pooled input after the LayerNorm, [B, d].
   matrix_ref<const T> features() const {
     return {opt_.layer_norm ? features_.data() : pooled_.data(), batch_, d_};
@@ -295,6 +350,9 @@ class router {
   std::size_t batch_ = 0;
   std::vector<T> pooled_, normed_, features_, rstd_, logits_, soft_, used_, keep_, kept_,
       dlogits_, dfeatures_;
+  std::size_t wn_offset_ = 0, w_offset_ = 0;
+  /// normalize_weights: W's rows normalised, W̃ (what the logits use), their 1/σ, ∂ℓ/∂W̃
+  std::vector<T> wnormed_, wtilde_, wrstd_, dwtilde_;
 };
 
 }  // namespace smear

@@ -3,7 +3,8 @@
 /// Top-k routing with the straight-through Gumbel-softmax estimator: in training
 /// s = softmax((z + g) / τ) with Gumbel noise g (at evaluation softmax(z / τ)); the k largest
 /// entries of s run, each with forward coefficient (1 − sg(s_j) + s_j) / k = 1 / k, and the
-/// router's gradient flows through s: ∂ℓ/∂s_j = ⟨dy, f_j⟩ / k.
+/// router's gradient flows through s: ∂ℓ/∂s_j = ⟨dy, f_j⟩ / k. τ is the router's temperature,
+/// or strategy_options::gumbel_temperature at the layer's training step when that is set.
 
 #include <cstddef>
 #include <span>
@@ -17,7 +18,14 @@ namespace smear {
 template <class T>
 class st_gumbel_planner : public planner_base<st_gumbel_planner<T>, T> {
  public:
-  st_gumbel_planner(std::size_t experts, std::size_t k) : n_(experts), k_(k) {}
+  st_gumbel_planner(std::size_t experts, std::size_t k, temperature_schedule tau = {})
+      : n_(experts), k_(k), tau_(tau) {}
+
+  /// 1 / τ of s for a forward at the layer's training step `step` (the router's `router_inv_t`
+  /// without a schedule).
+  T inverse_temperature(std::uint64_t step, T router_inv_t) const noexcept {
+    return tau_.enabled() ? static_cast<T>(1.0 / tau_.at(step)) : router_inv_t;
+  }
 
   router_use router(const route_context<T>&) const override { return router_use::route; }
   bool reads_router() const noexcept override { return true; }
@@ -28,7 +36,7 @@ class st_gumbel_planner : public planner_base<st_gumbel_planner<T>, T> {
     out.choice_cols = k_;
     out.choices.resize(B * k_);
     soft_.resize(B * n_);
-    inv_t_ = c.inv_temperature;
+    inv_t_ = inverse_temperature(c.step, c.inv_temperature);
     for (std::size_t b = 0; b < B; ++b) {
       std::copy_n(c.probabilities.row(b).data(), n_, out.weights.data() + b * n_);
       std::span<T> s{soft_.data() + b * n_, n_};
@@ -58,6 +66,7 @@ class st_gumbel_planner : public planner_base<st_gumbel_planner<T>, T> {
 
  private:
   std::size_t n_, k_;
+  temperature_schedule tau_;
   T inv_t_ = T(1);
   std::vector<T> soft_;  ///< [B, N]: the relaxed sample s of the last forward
 };

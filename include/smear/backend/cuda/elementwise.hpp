@@ -210,9 +210,9 @@ struct softmax_fn {
     T* pb = soft + b * N;
     T* ub = used + b * N;
     T* kb = keep + b * N;
-    T zmax = (zb[0] + bias[0]) * inv_t;
+    T zmax = (zb[0] + (bias ? bias[0] : T(0))) * inv_t;
     for (std::size_t e = 0; e < N; ++e) {
-      zb[e] += bias[e];
+      if (bias) zb[e] += bias[e];
       zmax = zb[e] * inv_t > zmax ? zb[e] * inv_t : zmax;
     }
     T sum = 0;
@@ -231,7 +231,7 @@ struct softmax_fn {
   }
 };
 
-/// Per row b: z += bias; soft = softmax(z·inv_t); used = keep ⊙ soft / ⟨keep, soft⟩ (all kept
+/// Per row b: z += bias (when not null); soft = softmax(z·inv_t); used = keep ⊙ soft / ⟨keep, soft⟩ (all kept
 /// when that is 0, and then `keep`'s row becomes all ones); kept[b] = the normaliser. `keep`
 /// is a 0/1 mask [B, N].
 template <class T, class Policy>
@@ -481,6 +481,19 @@ template <class T, class Policy>
 void scale_rows(Policy&& policy, const T* in, const T* coef, std::size_t coef_stride,
                 const std::int32_t* lengths, std::size_t B, std::size_t L, std::size_t c, T* out) {
   for_each_index(policy, B * L * c, scale_rows_fn<T>{in, coef, lengths, out, coef_stride, L, c});
+}
+
+template <class T>
+struct accumulate_fn {
+  const T* in;
+  T* out;
+  SMEAR_HOST_DEVICE void operator()(std::size_t i) const { out[i] += in[i]; }
+};
+
+/// out[0, n) += in[0, n).
+template <class T, class Policy>
+void accumulate(Policy&& policy, const T* in, std::size_t n, T* out) {
+  for_each_index(policy, n, accumulate_fn<T>{in, out});
 }
 
 template <class T>
