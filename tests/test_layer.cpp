@@ -319,6 +319,32 @@ TEST_CASE("errors name the operation and the shapes, before any work") {
   CHECK(out == std::vector<std::int32_t>{2, 1});
 }
 
+TEST_CASE("sizes that wrap around std::size_t are refused, naming the dimensions") {
+  using E = adapter<float>;
+  layer<E, 2> block{E{4, 2}, {}, 0};
+  std::vector<float> x(16), y;  // B·L·d = 1·2^62·4 = 2^64 wraps to 0, the size of y
+  const auto huge = make_tokens<const float>(x.data(), 1, std::size_t{1} << 62, 4);
+  CHECK_THROWS_WITH_AS(block.forward(huge, y), doctest::Contains("x [B, L, d] = [1, 4611686018427387904, 4]"),
+                       shape_error);
+  // a product that fits in elements but not in bytes
+  const auto bytes = make_tokens<const float>(x.data(), 1, std::size_t{1} << 61, 4);
+  CHECK_THROWS_AS(block.forward(bytes, y), shape_error);
+  std::vector<std::uint8_t> mask(4, 1);
+  std::vector<std::int32_t> out(2);
+  CHECK_THROWS_WITH_AS(mask_to_lengths(mask, 2, (std::size_t{1} << 63) + 2, out),
+                       doctest::Contains("more elements than memory can address"), shape_error);
+  CHECK_THROWS_AS((layer<E, 2>{E{4, 2}, {.router = {.temperature = 1e-39}}, 0}), value_error);  // 1/τ overflows float
+  layer<adapter<double>, 2> fine{adapter<double>{4, 2}, {.router = {.temperature = 1e-39}}, 0};  // not double
+  CHECK(fine.input_dim() == 4);
+}
+
+TEST_CASE("mask_to_lengths refuses a count an int32 length cannot hold" * doctest::skip(sizeof(void*) < 8)) {
+  const std::size_t length = (std::size_t{1} << 31) + 3;  // 2 GiB of mask: one example, all valid
+  std::vector<std::uint8_t> mask(length, 1);
+  std::vector<std::int32_t> out(1);
+  CHECK_THROWS_WITH_AS(mask_to_lengths(mask, 1, length, out), doctest::Contains("2147483651 valid tokens"), value_error);
+}
+
 TEST_CASE("non-finite values: propagated by default, reported in checked mode") {
   using E = adapter<float>;
   std::vector<float> x(2 * 2 * 4, 0.5f), y(x.size()), dx(x.size());

@@ -3,6 +3,10 @@
 /// The exceptions smear throws. Every run-time check happens once, at the public entry
 /// point, before any work is done, so a thrown error leaves every object as it was.
 
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -61,6 +65,25 @@ std::string shape(Dims... dims) {
   ((out << sep << dims, sep = ", "), ...);
   out << ']';
   return out.str();
+}
+
+/// a·b, or nothing on overflow.
+inline std::optional<std::uint64_t> checked_mul(std::uint64_t a, std::uint64_t b) noexcept {
+  if (a != 0 && b > std::numeric_limits<std::uint64_t>::max() / a) return std::nullopt;
+  return a * b;
+}
+
+/// The element count of a tensor of shape `dims` (named `what` in the message of `op`),
+/// throwing shape_error when it, or its size in bytes of `element_bytes` each, does not fit
+/// in std::size_t.
+template <class... Dims>
+std::size_t checked_elements(const char* op, const char* what, std::size_t element_bytes, Dims... dims) {
+  std::optional<std::uint64_t> n = 1;
+  ((n = n ? checked_mul(*n, static_cast<std::uint64_t>(dims)) : n), ...);
+  if (n) n = checked_mul(*n, element_bytes);
+  if (!n || *n > std::numeric_limits<std::size_t>::max())
+    throw shape_error(message(op, ": ", what, " ", shape(dims...), " has more elements than memory can address"));
+  return static_cast<std::size_t>(*n / element_bytes);
 }
 
 }  // namespace detail

@@ -156,6 +156,9 @@ class layer_core {
     if (x.data == nullptr) throw value_error(detail::message(op, ": x has no data"));
     if (x.dim != input_dim())
       throw shape_error(detail::message(op, ": x is [B, L, d] = ", shape, ", the experts expect d = ", input_dim()));
+    detail::checked_elements(op, "x [B, L, d] =", sizeof(T), x.batch, x.length, x.dim);
+    const std::size_t y_expected = detail::checked_elements(op, "y [B, L, d_out] =", sizeof(T), x.batch, x.length,
+                                                            output_dim());
     if (!x.lengths.empty()) {
       if (x.lengths.size() != x.batch)
         throw shape_error(detail::message(op, ": lengths has ", x.lengths.size(), " entries, expected B = ",
@@ -166,7 +169,7 @@ class layer_core {
                                             ", expected 1..L = 1..", x.length,
                                             " (an all-padding example cannot be routed)"));
     }
-    if (y_size != x.batch * x.length * output_dim())
+    if (y_size != y_expected)
       throw shape_error(detail::message(op, ": y has ", y_size, " values, expected [B, L, d_out] = ",
                                         detail::shape(x.batch, x.length, output_dim())));
     route_context<T> c{.batch = x.batch, .length = x.length, .lengths = x.lengths, .in = in, .training = training_,

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <type_traits>
 
@@ -74,7 +75,8 @@ constexpr tokens<T> make_tokens(T* data, std::size_t batch, std::size_t length, 
 /// not of the form 1…1 0…0 (smear processes the valid tokens of an example as one block).
 inline void mask_to_lengths(std::span<const std::uint8_t> mask, std::size_t batch,
                             std::size_t length, std::span<std::int32_t> lengths) {
-  if (mask.size() != batch * length)
+  constexpr const char* op = "mask_to_lengths";
+  if (mask.size() != detail::checked_elements(op, "the mask [batch, length] =", 1, batch, length))
     throw shape_error(detail::message("mask_to_lengths: mask has ", mask.size(),
                                       " elements, expected [batch, length] = ",
                                       detail::shape(batch, length)));
@@ -89,6 +91,9 @@ inline void mask_to_lengths(std::span<const std::uint8_t> mask, std::size_t batc
         throw value_error(detail::message("mask_to_lengths: example ", b, " has a valid token at ",
                                           t, " after padding at ", n,
                                           "; only right padding is supported"));
+    if (n > static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()))
+      throw value_error(detail::message("mask_to_lengths: example ", b, " has ", n,
+                                        " valid tokens, more than a length (int32) can hold"));
     lengths[b] = static_cast<std::int32_t>(n);
   }
 }

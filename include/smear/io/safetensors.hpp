@@ -213,12 +213,6 @@ void encode_element(dtype t, T v, unsigned char* p) noexcept {
   }
 }
 
-/// a·b, or nothing on overflow.
-inline std::optional<std::uint64_t> checked_mul(std::uint64_t a, std::uint64_t b) noexcept {
-  if (a != 0 && b > std::numeric_limits<std::uint64_t>::max() / a) return std::nullopt;
-  return a * b;
-}
-
 /// "[a, b, c]" for a shape held in a vector.
 inline std::string shape_string(std::span<const std::size_t> shape) {
   std::string s = "[";

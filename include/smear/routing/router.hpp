@@ -74,6 +74,9 @@ class router {
                   std::uint64_t seed = 0)
       : d_(dim), k_(outputs), opt_(options) {
     validate(opt_);
+    if (!std::isfinite(static_cast<T>(1.0 / opt_.temperature)) || !(static_cast<T>(opt_.temperature) > T(0)))
+      throw value_error(detail::message("router: temperature ", opt_.temperature, " or its inverse is not a finite ",
+                                        "positive number in the router's element type (every output would be NaN)"));
     if (d_ == 0 || k_ == 0)
       throw value_error(detail::message("router: dimensions must be positive, got dim = ", d_,
                                         ", outputs = ", k_));
