@@ -371,3 +371,19 @@ TEST_CASE("a layer's training-step count travels in the metadata; a bad count is
   CHECK(target.training_steps() == 7);
   CHECK(std::equal(before.begin(), before.end(), target.router().values().begin()));
 }
+
+TEST_CASE("a layer in checked mode refuses non-finite parameters on load, naming the tensor, changing nothing") {
+  using E = adapter<float>;
+  layer<E, 3> saved{E{4, 2}, {}, 1};
+  saved.router().values()[saved.router().weight_offset() + 5] = std::nanf("");
+  const auto path = scratch("nan.safetensors");
+  save(path, saved);
+  layer<E, 3> checked{E{4, 2}, {.check_finite = true}, 2};
+  const std::vector<float> before(checked.router().values().begin(), checked.router().values().end());
+  CHECK_THROWS_WITH_AS(load(path, checked), doctest::Contains("tensor 'router.weight' holds nan at flat index 5"),
+                       io_error);
+  CHECK(std::equal(before.begin(), before.end(), checked.router().values().begin()));
+  layer<E, 3> plain{E{4, 2}, {}, 3};
+  load(path, plain);  // not in checked mode: loaded as it is
+  CHECK(std::isnan(plain.router().values()[plain.router().weight_offset() + 5]));
+}

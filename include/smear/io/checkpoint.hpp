@@ -41,6 +41,7 @@
 /// Link the `smear::io` CMake target (it adds nlohmann/json).
 
 #include <charconv>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
@@ -84,10 +85,13 @@ inline std::string mapped(const name_map& map, const std::string& name) {
   return map ? map(name) : name;
 }
 
-/// Reads the tensor that stands for `name` into `out` after checking its shape.
+/// Reads the tensor that stands for `name` into `out` after checking its shape; with
+/// `finite`, refuses a tensor holding NaN or ±Inf (a layer in checked mode loads only finite
+/// parameters).
 template <class T>
 void read_checked(const safetensors_file& file, const std::string& name, const name_map& map,
-                  const std::vector<std::size_t>& shape, const char* needed_by, std::span<T> out) {
+                  const std::vector<std::size_t>& shape, const char* needed_by, std::span<T> out,
+                  bool finite = false) {
   const std::string in_file = mapped(map, name);
   const auto* t = file.find(in_file);
   const std::string called = in_file == name ? "'" + name + "'" : "'" + in_file + "' (for '" + name + "')";
@@ -101,12 +105,17 @@ void read_checked(const safetensors_file& file, const std::string& name, const n
     throw io_error(message("smear::load: '", file.name(), "': tensor ", called, " has shape ",
                            shape_string(t->shape), ", ", needed_by, " needs ", shape_string(shape)));
   file.read(t->name, out);
+  if (finite)
+    for (std::size_t i = 0; i < out.size(); ++i)
+      if (!std::isfinite(out[i]))
+        throw io_error(message("smear::load: '", file.name(), "': tensor ", called, " holds ", out[i],
+                               " at flat index ", i, "; the layer is in checked mode (check_finite)"));
 }
 
 /// Stages the bank's values read from `file`.
 template <class Expert, std::size_t N>
 staged_values<typename Expert::value_type> stage(const safetensors_file& file, expert_bank<Expert, N>& bank,
-                                                 std::string_view prefix, const name_map& map) {
+                                                 std::string_view prefix, const name_map& map, bool finite = false) {
   using T = typename Expert::value_type;
   auto dst = bank.values();
   const std::size_t P = bank.parameter_count();
@@ -117,7 +126,7 @@ staged_values<typename Expert::value_type> stage(const safetensors_file& file, e
     shape.insert(shape.end(), s.shape.begin(), s.shape.end());
     slot_values.resize(N * s.size());
     read_checked(file, std::string(prefix) + "experts." + s.name, map, shape, "the expert bank",
-                 std::span<T>(slot_values));
+                 std::span<T>(slot_values), finite);
     for (std::size_t e = 0; e < N; ++e)
       std::copy_n(slot_values.begin() + static_cast<std::ptrdiff_t>(e * s.size()), s.size(),
                   out.values.begin() + static_cast<std::ptrdiff_t>(e * P + s.offset));
@@ -127,11 +136,12 @@ staged_values<typename Expert::value_type> stage(const safetensors_file& file, e
 
 /// Stages the router's values read from `file`.
 template <class T>
-staged_values<T> stage(const safetensors_file& file, router<T>& r, std::string_view prefix, const name_map& map) {
+staged_values<T> stage(const safetensors_file& file, router<T>& r, std::string_view prefix, const name_map& map,
+                       bool finite = false) {
   staged_values<T> out{r.values(), std::vector<T>(r.values().size())};
   for (const auto& s : r.layout())
     read_checked(file, std::string(prefix) + "router." + s.name, map, s.shape, "the router",
-                 std::span<T>(out.values).subspan(s.offset, s.size()));
+                 std::span<T>(out.values).subspan(s.offset, s.size()), finite);
   return out;
 }
 
@@ -246,32 +256,34 @@ void load(const safetensors_file& file, router<T>& r, std::string_view prefix = 
 }
 
 /// Loads the layer's tensors (those add() writes for its strategy) from `file`; all or nothing.
+/// A layer in checked mode (check_finite) refuses non-finite values, naming the tensor.
 template <class Expert, std::size_t N, class Backend>
 void load(const safetensors_file& file, layer<Expert, N, Backend>& l, std::string_view prefix = "",
           const name_map& map = {}) {
   using T = typename Expert::value_type;
+  const bool finite = l.options().check_finite;
   std::vector<detail::staged_values<T>> staged;
-  staged.push_back(detail::stage(file, l.bank(), prefix, map));
-  if (l.uses_router()) staged.push_back(detail::stage(file, l.router(), prefix, map));
+  staged.push_back(detail::stage(file, l.bank(), prefix, map, finite));
+  if (l.uses_router()) staged.push_back(detail::stage(file, l.router(), prefix, map, finite));
   if (l.strategy().strategy == strategy::latent_skills) {
     auto logits = l.skills().logits();
     detail::staged_values<T> s{{logits.data, logits.rows * logits.cols}, std::vector<T>(logits.rows * logits.cols)};
     detail::read_checked(file, std::string(prefix) + "skills.logits", map, {logits.rows, logits.cols},
-                         "the latent skills", std::span<T>(s.values));
+                         "the latent skills", std::span<T>(s.values), finite);
     staged.push_back(std::move(s));
   }
   if (detail::has_learned_baseline(l)) {
     auto v = l.baseline().values();
     detail::staged_values<T> s{v, std::vector<T>(v.size())};
     detail::read_checked(file, std::string(prefix) + "baseline.parameters", map, {v.size()},
-                         "the REINFORCE baseline", std::span<T>(s.values));
+                         "the REINFORCE baseline", std::span<T>(s.values), finite);
     staged.push_back(std::move(s));
   }
   if (l.strategy().strategy == strategy::cluster) {
     auto c = l.cluster_centres();
     detail::staged_values<T> s{{c.data, c.rows * c.cols}, std::vector<T>(c.rows * c.cols)};
     detail::read_checked(file, std::string(prefix) + "clusters", map, {c.rows, c.cols}, "the cluster centres",
-                         std::span<T>(s.values));
+                         std::span<T>(s.values), finite);
     staged.push_back(std::move(s));
   }
   const auto steps = detail::read_training_steps(file, prefix);
