@@ -12,7 +12,8 @@
 //    each residual block starts with a routing block x ← x + f(norm(x)), the classifier head and
 //    the routing blocks train. norm is a frozen per-channel standardisation, f is a smear::layer
 //    over the positions of the map (tokens), its router reading their mean: the global average
-//    pool of the normalised block input.
+//    pool of the normalised block input. The expert type and N are chosen at run time
+//    (adapter_config): the blocks hold them as examples::any_layer.
 
 #include <Eigen/Dense>
 
@@ -22,11 +23,13 @@
 #include <cstdint>
 #include <memory>
 #include <span>
-#include <type_traits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <smear/smear.hpp>
+
+#include "common/any_layer.hpp"
 
 namespace resnet {
 
@@ -274,21 +277,17 @@ void relu_backward(const std::vector<T>& y, std::vector<T>& g) {
     if (!(y[i] > T(0))) g[i] = T(0);
 }
 
-/// x ← x + f(norm(x)) over the positions of each example's map, f a SMEAR layer of N experts.
-template <class T, class Expert, std::size_t N>
+/// x ← x + f(norm(x)) over the positions of each example's map, f a SMEAR layer (built
+/// without its own residual: the block adds x itself, not norm(x)).
+template <class T>
 class routing_block {
  public:
-  using layer_type = smear::layer<Expert, N>;
-
-  routing_block(Expert prototype, std::size_t channels, smear::layer_options options, std::uint64_t seed)
-      : mean(channels, T(0)), inv_std(channels, T(1)), c_(channels) {
-    options.residual = false;  // the block adds x itself, not norm(x)
-    layer_ = std::make_unique<layer_type>(std::move(prototype), options, seed);
-  }
+  routing_block(examples::any_layer<T> layer, std::size_t channels)
+      : mean(channels, T(0)), inv_std(channels, T(1)), c_(channels), layer_(std::move(layer)) {}
 
   std::vector<T> mean, inv_std;  ///< the frozen standardisation norm(x) = (x − mean)·inv_std
 
-  layer_type& layer() { return *layer_; }
+  examples::any_layer<T>& layer() { return layer_; }
 
   /// Sets mean and inv_std from the statistics of the maps seen by accumulate().
   void begin_statistics() {
@@ -318,7 +317,7 @@ class routing_block {
     tokens_.resize(x.size());
     for (std::size_t i = 0; i < x.size(); ++i) tokens_[i] = (x[i] - mean[i % c_]) * inv_std[i % c_];
     out_.resize(x.size());
-    layer_->forward(smear::map_tokens<const T>(tokens_.data(), {s.n, s.c, s.h, s.w}), out_, in);
+    layer_.forward(smear::map_tokens<const T>(tokens_.data(), {s.n, s.c, s.h, s.w}), out_, in);
     for (std::size_t i = 0; i < x.size(); ++i) x[i] += out_[i];
   }
 
@@ -326,13 +325,13 @@ class routing_block {
   /// accumulate. `example_losses`: each example's loss, for REINFORCE.
   void backward(std::vector<T>& g, std::span<const T> example_losses = {}) {
     dtokens_.resize(g.size());
-    layer_->backward(g, dtokens_, example_losses);
+    layer_.backward(g, dtokens_, example_losses);
     for (std::size_t i = 0; i < g.size(); ++i) g[i] += dtokens_[i] * inv_std[i % c_];
   }
 
  private:
   std::size_t c_;
-  std::unique_ptr<layer_type> layer_;
+  examples::any_layer<T> layer_;
   std::vector<T> tokens_, out_, dtokens_;
   std::vector<double> sum_, sum2_;
   std::size_t count_ = 0;
@@ -349,6 +348,7 @@ struct architecture {
 /// How the routing blocks are built.
 struct adapter_config {
   bool conv = false;            ///< smear::conv_adapter (3×3) instead of smear::adapter (per position)
+  std::size_t experts = 6;      ///< N: 1, 6 or 12, the sizes compiled (see network::make_layer)
   std::size_t reduction = 4;    ///< bottleneck = max(1, channels / reduction) · widen
   std::size_t widen = 1;        ///< bottleneck multiplier ("dense": one expert as large as N)
   smear::layer_options layer{};
@@ -356,7 +356,7 @@ struct adapter_config {
 
 /// A ResNet BasicBlock: relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x)), optionally preceded
 /// (inside the block) by a routing block.
-template <class T, class Expert, std::size_t N>
+template <class T>
 class basic_block {
  public:
   basic_block(const std::string& name, std::size_t cin, std::size_t cout, std::size_t stride)
@@ -374,7 +374,7 @@ class basic_block {
   batch_norm<T> bn2;
   std::unique_ptr<conv2d<T>> sc_conv;
   std::unique_ptr<batch_norm<T>> sc_bn;
-  std::unique_ptr<routing_block<T, Expert, N>> route;
+  std::unique_ptr<routing_block<T>> route;
 
   /// x is the block input on entry and the block output on return.
   shape4 forward(std::vector<T>& x, shape4 s, bool training, smear::route_inputs in = {}) {
@@ -446,11 +446,11 @@ class basic_block {
 };
 
 /// Stem, stages of BasicBlocks, global average pool, linear classifier.
-template <class T, class Expert, std::size_t N>
+template <class T>
 class network {
  public:
-  using block_type = basic_block<T, Expert, N>;
-  using routing_type = routing_block<T, Expert, N>;
+  using block_type = basic_block<T>;
+  using routing_type = routing_block<T>;
 
  private:
   architecture arch_;  // first: the members below are built from it
@@ -515,7 +515,7 @@ class network {
     for (std::size_t i = 0; i < blocks.size(); ++i) {
       const shape4 s = shapes[i];
       const std::size_t m = std::max<std::size_t>(1, s.c / cfg.reduction) * cfg.widen;
-      blocks[i]->route = std::make_unique<routing_type>(make_expert(s, m, cfg), s.c, cfg.layer, seed + 7919 * (i + 1));
+      blocks[i]->route = std::make_unique<routing_type>(make_layer(cfg, s, m, seed + 7919 * (i + 1)), s.c);
     }
   }
 
@@ -637,13 +637,13 @@ class network {
   }
 
  private:
-  static Expert make_expert(shape4 s, std::size_t m, const adapter_config& cfg) {
-    if constexpr (std::is_same_v<Expert, smear::conv_adapter<T>>) {
-      return Expert{s.h, s.w, s.c, m};
-    } else {
-      (void)cfg;
-      return Expert{s.c, m};
-    }
+  /// The SMEAR layer of a routing block on maps shaped `s`, bottleneck m.
+  static examples::any_layer<T> make_layer(const adapter_config& cfg, shape4 s, std::size_t m, std::uint64_t seed) {
+    smear::layer_options options = cfg.layer;
+    options.residual = false;  // the block adds x itself, not norm(x)
+    if (cfg.conv)
+      return examples::make_layer<1, 6, 12>(cfg.experts, smear::conv_adapter<T>{s.h, s.w, s.c, m}, options, seed);
+    return examples::make_layer<1, 6, 12>(cfg.experts, smear::adapter<T>{s.c, m}, options, seed);
   }
 
   std::size_t features_ = 0, classes_ = 0, n_ = 0;

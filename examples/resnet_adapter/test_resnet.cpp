@@ -14,12 +14,10 @@ using smear::testing::check_gradient;
 
 namespace {
 
-template <class Expert, std::size_t N>
 struct fixture {
-  using net_type = resnet::network<double, Expert, N>;
   resnet::architecture arch{.image = 6, .width = 2, .blocks = {1, 1}, .stem_stride = 1};
   std::size_t n = 3, classes = 4;
-  net_type net{arch, classes, 5};
+  resnet::network<double> net{arch, classes, 5};
   std::vector<double> images;
   std::vector<std::int32_t> labels{0, 3, 1};
   std::vector<double> dlogits;
@@ -44,8 +42,7 @@ struct fixture {
 };
 
 /// Checks the gradients the network reports for `tensors` and for the images.
-template <class F>
-void check_all(F& f, bool training, const std::vector<smear::parameter<double>>& tensors) {
+void check_all(fixture& f, bool training, const std::vector<smear::parameter<double>>& tensors) {
   f.loss(training);
   f.net.zero_grad();
   const auto dimages = f.net.backward(f.dlogits);
@@ -59,22 +56,25 @@ void check_all(F& f, bool training, const std::vector<smear::parameter<double>>&
 }  // namespace
 
 TEST_CASE("pre-training mode: backbone, head and input gradients match finite differences") {
-  fixture<smear::adapter<double>, 2> f{11};
+  fixture f{11};
   check_all(f, true, f.net.parameters(true));
 }
 
-template <class Expert, std::size_t N>
-void check_adaptation(std::uint64_t seed) {
-  fixture<Expert, N> f{seed};
-  f.net.add_routing({.reduction = 1}, seed);
+void check_adaptation(resnet::adapter_config cfg, std::uint64_t seed) {
+  fixture f{seed};
+  cfg.reduction = 1;
+  f.net.add_routing(cfg, seed);
   smear::rng gen{seed + 1};
   for (auto& b : f.net.blocks) {
     auto& r = *b->route;
     for (auto& v : r.mean) v = 0.2 * gen.normal();
     for (auto& v : r.inv_std) v = 0.5 + gen.uniform();
-    auto bank = r.layer().bank().values();
-    for (std::size_t i = 0; i < bank.rows * bank.cols; ++i) bank.data[i] = 0.3 * gen.normal();
-    for (auto& v : r.layer().router().values()) v = 0.5 * gen.normal();
+    // random experts and router
+    for (auto& p : r.layer().parameters()) {
+      const double scale = p.name == "experts" ? 0.3 : p.name.starts_with("router.") ? 0.5 : 0.0;
+      if (scale > 0)
+        for (auto& v : p.value) v = scale * gen.normal();
+    }
   }
   const auto params = f.net.parameters(false);
   CHECK(params.size() > 2);
@@ -85,20 +85,24 @@ void check_adaptation(std::uint64_t seed) {
 }
 
 TEST_CASE("adaptation mode: routing blocks, head and input gradients match finite differences") {
-  SUBCASE("adapter experts") { check_adaptation<smear::adapter<double>, 3>(21); }
-  SUBCASE("conv adapter experts") { check_adaptation<smear::conv_adapter<double>, 2>(22); }
-  SUBCASE("one expert") { check_adaptation<smear::adapter<double>, 1>(23); }
+  SUBCASE("adapter experts") { check_adaptation({.experts = 6}, 21); }
+  SUBCASE("conv adapter experts") { check_adaptation({.conv = true, .experts = 6}, 22); }
+  SUBCASE("one expert") { check_adaptation({.experts = 1}, 23); }
+  SUBCASE("an expert count that is not compiled") {
+    fixture f{24};
+    CHECK_THROWS_AS(f.net.add_routing({.experts = 3}, 24), smear::value_error);
+  }
 }
 
 TEST_CASE("a routing block starts close to the identity and its router sees the pooled map") {
-  fixture<smear::adapter<double>, 3> f{31};
+  fixture f{31};
   const auto before = f.net.forward(f.images, f.n, false);
-  f.net.add_routing({}, 32);
+  f.net.add_routing({.experts = 6}, 32);
   const auto after = f.net.forward(f.images, f.n, false);
   CHECK(smear::testing::relative_error(after, before) < 1e-2);
   const auto p = f.net.blocks[0]->route->layer().routing();
   CHECK(p.rows == f.n);
-  CHECK(p.cols == 3);
+  CHECK(p.cols == 6);
 }
 
 TEST_CASE("image files: write, read back, and errors name the file") {

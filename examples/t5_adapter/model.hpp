@@ -2,8 +2,8 @@
 /// \file model.hpp
 /// The multi-task classifier of the T5-adapter example: a frozen T5 encoder with a routing
 /// block of adapter experts after each attention and feed-forward sublayer, and one linear
-/// classification head per task on the mean of the encoder's output. Also the backbone's
-/// denoising pre-training (masked-token prediction with the tied embedding as output layer).
+/// classification head per task on the mean of the encoder's output; its training and
+/// evaluation. The backbone's pre-training is in pretrain.hpp.
 
 #include <smear/smear.hpp>
 
@@ -13,9 +13,14 @@
 #include <cstdio>
 #include <memory>
 #include <numeric>
+#include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "common/any_layer.hpp"
+#include "common/heatmap.hpp"
+#include "common/methods.hpp"
 #include "data.hpp"
 #include "t5.hpp"
 
@@ -27,23 +32,12 @@ struct route_context {
   std::span<const float> example_losses{};
 };
 
-/// A routing block (any smear::layer) as a sublayer hook, with what a comparison reads from it.
-class routing_block : public sublayer_hook {
+/// A routing block (any smear::layer) in a sublayer hook, fed the batch's tags, token ids and
+/// per-example losses as its strategy needs them.
+class routing_hook final : public sublayer_hook {
  public:
-  virtual smear::parameter_list<float> parameters() = 0;
-  virtual void zero_grad() = 0;
-  virtual void train(bool on) = 0;
-  virtual std::size_t experts() const = 0;
-  /// The routing distribution of the last forward, [B, experts()].
-  virtual smear::matrix_ref<const float> routing() const = 0;
-};
-
-template <std::size_t N>
-class block_of : public routing_block {
- public:
-  block_of(smear::adapter<float> proto, smear::layer_options opt, std::uint64_t seed, const route_context* ctx,
-           bool needs_tags, bool needs_tokens)
-      : layer_{std::move(proto), opt, seed}, ctx_(ctx), tags_(needs_tags), tokens_(needs_tokens) {}
+  routing_hook(examples::any_layer<float> layer, const route_context* ctx, bool needs_tags, bool needs_tokens)
+      : layer_(std::move(layer)), ctx_(ctx), tags_(needs_tags), tokens_(needs_tokens) {}
   void forward(smear::tokens<const float> x, std::span<float> y) override {
     smear::route_inputs in;
     if (tags_) in.tags = ctx_->tags;
@@ -53,24 +47,13 @@ class block_of : public routing_block {
   void backward(std::span<const float> dy, std::span<float> dx) override {
     layer_.backward(dy, dx, ctx_->example_losses);
   }
-  smear::parameter_list<float> parameters() override { return layer_.parameters(); }
-  void zero_grad() override { layer_.zero_grad(); }
-  void train(bool on) override { layer_.train(on); }
-  std::size_t experts() const override { return N; }
-  smear::matrix_ref<const float> routing() const override { return layer_.routing(); }
+  examples::any_layer<float>& layer() { return layer_; }
 
  private:
-  smear::layer<smear::adapter<float>, N> layer_;
+  examples::any_layer<float> layer_;
   const route_context* ctx_;
   bool tags_, tokens_;
 };
-
-/// The methods `smear-t5 compare` runs (the routing issue's list, plus single and dense).
-inline const std::vector<std::string>& all_methods() {
-  static const std::vector<std::string> m{"smear", "tag", "hash", "st_gumbel", "reinforce", "dselect",
-                                          "ensemble", "single", "dense", "adamix", "latent_skills"};
-  return m;
-}
 
 constexpr std::size_t experts_per_block = 8;
 
@@ -107,11 +90,9 @@ class classifier {
     std::size_t width = o.bottleneck;
     bool tags = false, tokens = false;
     std::size_t n = experts_per_block;
-    if (m == "single") {
+    if (examples::one_expert(m)) {
       n = 1;
-    } else if (m == "dense") {
-      n = 1;
-      width = o.bottleneck * experts_per_block;  // parameter-matched: one adapter N times wider
+      if (m == "dense") width = o.bottleneck * experts_per_block;  // parameter-matched: one adapter N times wider
     } else {
       lo.routing = smear::parse_strategy(m);
       lo.routing.tasks = tasks.size();
@@ -124,9 +105,8 @@ class classifier {
     }
     for (std::size_t i = 0; i < blocks; ++i) {
       const std::uint64_t seed = o.seed * 1000 + i;
-      smear::adapter<float> proto{d, width};
-      if (n == 1) blocks_.push_back(std::make_unique<block_of<1>>(proto, lo, seed, &ctx_, tags, tokens));
-      else blocks_.push_back(std::make_unique<block_of<experts_per_block>>(proto, lo, seed, &ctx_, tags, tokens));
+      auto layer = examples::make_layer<1, experts_per_block>(n, smear::adapter<float>{d, width}, lo, seed);
+      blocks_.push_back(std::make_unique<routing_hook>(std::move(layer), &ctx_, tags, tokens));
       enc_.set_hook(i, blocks_.back().get());
     }
     // heads: W_t [C_t, d] ~ N(0, d^-1), b_t = 0
@@ -151,7 +131,7 @@ class classifier {
   smear::parameter_list<float> parameters() {
     smear::parameter_list<float> out;
     for (std::size_t i = 0; i < blocks_.size(); ++i)
-      for (auto p : blocks_[i]->parameters()) {
+      for (auto p : blocks_[i]->layer().parameters()) {
         p.name = "block" + std::to_string(i) + "." + p.name;
         out.push_back(p);
       }
@@ -163,9 +143,9 @@ class classifier {
     for (const auto& p : parameters()) n += p.value.size();
     return n;
   }
-  const std::vector<std::unique_ptr<routing_block>>& blocks() const { return blocks_; }
+  const std::vector<std::unique_ptr<routing_hook>>& blocks() const { return blocks_; }
   void train(bool on) {
-    for (auto& b : blocks_) b->train(on);
+    for (auto& b : blocks_) b->layer().train(on);
   }
 
   /// Forward (and, when `learn`, backward) of one batch. Returns the mean loss; writes each
@@ -241,8 +221,7 @@ class classifier {
     eval_result r;
     const std::size_t T = tasks_.size(), n = limit == 0 ? data.size() : std::min(limit, data.size());
     std::vector<double> right(T, 0), count(T, 0);
-    if (routing)
-      for (const auto& b : blocks_) r.routing.emplace_back(T * b->experts(), 0.0);
+    examples::routing_means means{T};
     std::vector<std::size_t> order(n);
     std::iota(order.begin(), order.end(), 0);
     std::vector<std::int32_t> pred;
@@ -257,25 +236,16 @@ class classifier {
         right[t] += pred[i] == bt.labels[i] ? 1 : 0;
       }
       if (routing)
-        for (std::size_t k = 0; k < blocks_.size(); ++k) {
-          const auto p = blocks_[k]->routing();
-          const std::size_t E = blocks_[k]->experts();
-          for (std::size_t i = 0; i < c && i < p.rows; ++i)
-            for (std::size_t e = 0; e < E; ++e)
-              r.routing[k][static_cast<std::size_t>(bt.tasks[i]) * E + e] += p(i, e);
-        }
+        means.add(std::span<const std::int32_t>(bt.tasks), blocks_.size(),
+                  [&](std::size_t k) { return blocks_[k]->layer().routing(); });
     }
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     r.examples_per_s = static_cast<double>(n) / std::max(secs, 1e-9);
     for (std::size_t t = 0; t < T; ++t) {
       r.accuracy.push_back(count[t] > 0 ? right[t] / count[t] : 0.0);
       r.average += r.accuracy.back() / static_cast<double>(T);
-      if (routing)
-        for (std::size_t k = 0; k < blocks_.size(); ++k) {
-          const std::size_t E = blocks_[k]->experts();
-          for (std::size_t e = 0; e < E; ++e) r.routing[k][t * E + e] /= std::max(count[t], 1.0);
-        }
     }
+    if (routing) r.routing = means.means();
     train(true);
     return r;
   }
@@ -285,7 +255,7 @@ class classifier {
   const std::vector<task_info>& tasks_;
   train_options opt_;
   route_context ctx_;
-  std::vector<std::unique_ptr<routing_block>> blocks_;
+  std::vector<std::unique_ptr<routing_hook>> blocks_;
   std::vector<float> head_, head_grad_;
   std::vector<std::size_t> head_offset_;
   std::vector<float> out_, pooled_, losses_, dlogits_, dout_;
@@ -379,101 +349,6 @@ inline train_result train_classifier(t5_encoder& enc, const dataset& data, const
   }
   res.test = model.evaluate(data.test, 0, true);
   return res;
-}
-
-struct pretrain_options {
-  std::size_t steps = 600;
-  std::size_t batch = 32;
-  double lr = 5e-4;  // 5e-3 and above sit on the unigram plateau for thousands of steps
-  double mask_rate = 0.15;
-  std::uint64_t seed = 1;
-};
-
-/// Denoising pre-training of the encoder: 15% of the tokens (not </s>) are replaced by a mask
-/// id (the last row of the embedding) and predicted through the tied embedding,
-/// logits = (y / sqrt(d))·Eᵀ, with cross-entropy over the masked positions.
-inline void pretrain(t5_encoder& enc, const dataset& data, const pretrain_options& o) {
-  const std::size_t d = enc.config().d_model, V = enc.config().vocab_size;
-  const auto mask_id = static_cast<std::int32_t>(V - 1);
-  smear::parameter_list<float> params{{"encoder", enc.values(), enc.gradients(), true}};
-  smear::adamw<float> opt{params, {.lr = o.lr, .weight_decay = 0.0}};
-  smear::rng gen{o.seed};
-  std::vector<std::size_t> order(data.train.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::size_t cursor = order.size();
-  std::vector<float> out, dout;
-  double loss_avg = 0, acc_avg = 0;
-  const auto start = std::chrono::steady_clock::now();
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  for (std::size_t step = 1; step <= o.steps; ++step) {
-    if (cursor + o.batch > order.size()) {
-      for (std::size_t i = order.size(); i-- > 1;) std::swap(order[i], order[gen.below(i + 1)]);
-      cursor = 0;
-    }
-    batch bt = make_batch(data.train, order, cursor, std::min(o.batch, order.size()));
-    cursor += o.batch;
-    const std::size_t B = bt.size, L = bt.length;
-    std::vector<std::int32_t> target(B * L, -1);
-    std::size_t masked = 0;
-    for (std::size_t b = 0; b < B; ++b)
-      for (std::size_t t = 0; t + 1 < static_cast<std::size_t>(bt.lengths[b]); ++t)
-        if (gen.uniform() < o.mask_rate) {
-          target[b * L + t] = bt.ids[b * L + t];
-          bt.ids[b * L + t] = mask_id;
-          ++masked;
-        }
-    if (masked == 0) continue;
-    out.assign(B * L * d, 0.0f);
-    dout.assign(B * L * d, 0.0f);
-    enc.zero_grad();
-    enc.forward(bt.ids, B, L, bt.lengths, out);
-    const auto E = enc.tensor("shared.weight");
-    auto dE = enc.gradient("shared.weight");
-    // the masked rows, their logits (M×d)·(d×V) and the gradients, as GEMMs
-    std::vector<std::size_t> rows;
-    for (std::size_t i = 0; i < B * L; ++i)
-      if (target[i] >= 0) rows.push_back(i);
-    const std::size_t M = rows.size();
-    std::vector<float> Y(M * d), Z(M * V), dY(M * d, 0.0f);
-    for (std::size_t r = 0; r < M; ++r) std::copy_n(out.data() + rows[r] * d, d, Y.data() + r * d);
-    using cref = smear::matrix_ref<const float>;
-    using mref = smear::matrix_ref<float>;
-    const smear::backend::cpu be{};
-    smear::backend::gemm<float>(be, false, true, scale, cref{Y.data(), M, d}, cref{E.data(), V, d}, 0.0f,
-                                mref{Z.data(), M, V});
-    double loss = 0, right = 0;
-    for (std::size_t r = 0; r < M; ++r) {
-      float* z = Z.data() + r * V;
-      const std::size_t best = static_cast<std::size_t>(std::max_element(z, z + V) - z);
-      const float mx = z[best];
-      double sum = 0;
-      for (std::size_t v = 0; v < V; ++v) sum += std::exp(double(z[v] - mx));
-      const auto tgt = static_cast<std::size_t>(target[rows[r]]);
-      loss += std::log(sum) + mx - z[tgt];
-      right += best == tgt ? 1 : 0;
-      for (std::size_t v = 0; v < V; ++v)  // z ← ∂ℓ/∂z · scale
-        z[v] = static_cast<float>((std::exp(double(z[v] - mx)) / sum - (v == tgt ? 1.0 : 0.0)) /
-                                  static_cast<double>(masked)) * scale;
-    }
-    smear::backend::gemm<float>(be, false, false, 1.0f, cref{Z.data(), M, V}, cref{E.data(), V, d}, 0.0f,
-                                mref{dY.data(), M, d});
-    smear::backend::gemm<float>(be, true, false, 1.0f, cref{Z.data(), M, V}, cref{Y.data(), M, d}, 1.0f,
-                                mref{dE.data(), V, d});
-    for (std::size_t r = 0; r < M; ++r) std::copy_n(dY.data() + r * d, d, dout.data() + rows[r] * d);
-    enc.backward(dout, true);
-    opt.set_lr(o.lr * std::min(1.0, static_cast<double>(step) / 50.0));
-    opt.step();
-    loss /= static_cast<double>(masked);
-    right /= static_cast<double>(masked);
-    loss_avg = step == 1 ? loss : 0.95 * loss_avg + 0.05 * loss;
-    acc_avg = step == 1 ? right : 0.95 * acc_avg + 0.05 * right;
-    if (step % 25 == 0 || step == o.steps) {
-      const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      std::fprintf(stderr, "[pretrain] step %zu/%zu  masked-token loss %.4f  accuracy %.3f  %.0f ex/s  ETA %s\n", step,
-                   o.steps, loss_avg, acc_avg, static_cast<double>(step * o.batch) / el,
-                   duration(el / static_cast<double>(step) * static_cast<double>(o.steps - step)).c_str());
-    }
-  }
 }
 
 }  // namespace t5ex
