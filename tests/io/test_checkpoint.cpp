@@ -387,3 +387,31 @@ TEST_CASE("a layer in checked mode refuses non-finite parameters on load, naming
   load(path, plain);  // not in checked mode: loaded as it is
   CHECK(std::isnan(plain.router().values()[plain.router().weight_offset() + 5]));
 }
+
+TEST_CASE("saving to a narrower dtype refuses values it cannot hold, or saturates them and says so") {
+  using E = linear<float>;
+  layer<E, 2> block{E{2, 2}, {.routing = {.strategy = strategy::tag}}, 1};
+  auto v = block.bank().values();
+  v(0, 1) = 70000.0f;  // beyond F16's 65504
+  v(1, 3) = -1e-8f;    // below F16's smallest subnormal (6e-8), not zero
+  const auto path = scratch("narrow.safetensors");
+  CHECK_THROWS_WITH_AS(save(path, block, "", {.dtype = dtype::f16}),
+                       doctest::Contains("value 70000 at flat index 1 does not fit F16 (it would be infinite)"),
+                       value_error);
+  v(0, 1) = 1.0f;
+  CHECK_THROWS_WITH_AS(save(path, block, "", {.dtype = dtype::f16}), doctest::Contains("(it would be zero)"),
+                       value_error);
+  CHECK_NOTHROW(save(path, block, "", {.dtype = dtype::bf16}));  // BF16 holds both
+  v(0, 1) = 70000.0f;
+  save(path, block, "", {.dtype = dtype::f16, .narrowing = narrowing::saturate});
+  const auto file = safetensors_file::open(path);
+  CHECK(file.metadata().at("smear.saturated") == "2");
+  const auto w = file.read<float>("experts.weight");  // [2, 2, 2]
+  CHECK(w[1] == 65504.0f);
+  CHECK(w[4 + 3] == 0.0f);
+  // in range: no entry
+  v(0, 1) = 1.0f;
+  v(1, 3) = 0.5f;
+  save(path, block, "", {.dtype = dtype::f16, .narrowing = narrowing::saturate});
+  CHECK_FALSE(safetensors_file::open(path).metadata().contains("smear.saturated"));
+}

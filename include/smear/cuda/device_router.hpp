@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "smear/backend/cuda/elementwise.hpp"
+#include "smear/backend/cuda/layer_norm.hpp"
 #include "smear/random.hpp"
 #include "smear/routing/router.hpp"
 

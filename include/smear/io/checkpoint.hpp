@@ -70,6 +70,10 @@ using name_map = std::function<std::string(std::string_view)>;
 struct save_options {
   std::optional<smear::dtype> dtype{};          ///< stored dtype; default: the layer's T as is
   std::map<std::string, std::string> metadata{};///< extra `__metadata__` entries
+  /// Values `dtype` cannot hold (beyond its range, or non-zero below its smallest subnormal):
+  /// refused with a value_error naming the tensor, or saturated, the count then recorded as
+  /// `__metadata__` "smear.saturated".
+  smear::narrowing narrowing = smear::narrowing::refuse;
 };
 
 namespace detail {
@@ -300,7 +304,9 @@ void save_one(const std::filesystem::path& path, Object& object, std::string_vie
               const save_options& options) {
   safetensors_writer out;
   add_metadata(out, options);
+  out.set_narrowing(options.narrowing);
   add(out, object, prefix, options.dtype);
+  if (out.saturated() > 0) out.metadata("smear.saturated", std::to_string(out.saturated()));
   out.save(path);
 }
 }  // namespace detail

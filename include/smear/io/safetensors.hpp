@@ -505,11 +505,20 @@ class safetensors_file {
 /// out.add("bias", std::span<const float>(b), {cols}, smear::dtype::bf16);   // stored as BF16
 /// out.save("model.safetensors");
 /// ```
+/// What a safetensors_writer does with a finite value that the stored dtype cannot hold: one
+/// beyond its largest finite value (which would become ±Inf) or a non-zero one below its
+/// smallest subnormal (which would become 0).
+enum class narrowing {
+  refuse,    ///< value_error naming the tensor, the index and the value
+  saturate,  ///< store ±the largest finite value, or 0, and count it (saturated())
+};
+
 class safetensors_writer {
  public:
   /// Adds `values` as tensor `name` of shape `shape`, stored as `as` (default: T as is).
-  /// Throws value_error for a duplicate or reserved name, a non-floating-point dtype, or a
-  /// shape whose element count differs from values.size().
+  /// Throws value_error for a duplicate or reserved name, a non-floating-point dtype, a
+  /// shape whose element count differs from values.size(), or (under narrowing::refuse, see
+  /// set_narrowing) a finite value the dtype cannot hold; NaN and ±Inf are stored as they are.
   template <class T>
     requires std::is_floating_point_v<T>
   void add(std::string name, std::span<const T> values, std::vector<std::size_t> shape,
@@ -536,8 +545,22 @@ class safetensors_writer {
     entry e{std::move(name), type, std::move(shape), {}};
     const std::size_t w = dtype_size(type);
     e.bytes.resize(values.size() * w);
-    for (std::size_t i = 0; i < values.size(); ++i)
-      detail::encode_element(type, values[i], e.bytes.data() + i * w);
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      unsigned char* out = e.bytes.data() + i * w;
+      detail::encode_element(type, values[i], out);
+      const T v = values[i];
+      if (!std::isfinite(v)) continue;
+      const double back = detail::decode_element<double>(type, out);
+      const bool overflow = std::isinf(back), underflow = back == 0.0 && v != T(0);
+      if (!overflow && !underflow) continue;
+      if (narrowing_ == narrowing::refuse)
+        throw value_error(detail::message("safetensors_writer::add: tensor '", e.name, "': value ", v,
+                                          " at flat index ", i, " does not fit ", to_string(type), " (it would be ",
+                                          overflow ? "infinite" : "zero", "); store a wider dtype or saturate"));
+      const double saturated = overflow ? std::copysign(largest_finite(type), static_cast<double>(v)) : 0.0;
+      detail::encode_element(type, saturated, out);
+      ++saturated_;
+    }
     index_.emplace(e.name, entries_.size());
     entries_.push_back(std::move(e));
   }
@@ -551,6 +574,20 @@ class safetensors_writer {
 
   bool contains(std::string_view name) const { return index_.contains(std::string(name)); }
   std::size_t size() const noexcept { return entries_.size(); }
+  /// What add() does with values the stored dtype cannot hold (default: refuse).
+  void set_narrowing(narrowing n) noexcept { narrowing_ = n; }
+  /// How many values narrowing::saturate changed so far.
+  std::size_t saturated() const noexcept { return saturated_; }
+
+  /// The largest finite value of a floating-point dtype.
+  static double largest_finite(dtype t) noexcept {
+    switch (t) {
+      case dtype::f16: return 65504.0;
+      case dtype::bf16: return detail::decode_small_float<8, 7>(0x7F7F);
+      case dtype::f32: return static_cast<double>(std::numeric_limits<float>::max());
+      default: return std::numeric_limits<double>::max();
+    }
+  }
 
   /// The whole file as bytes.
   std::vector<unsigned char> serialize() const {
@@ -677,6 +714,8 @@ class safetensors_writer {
     std::vector<std::size_t> shape;
     std::vector<unsigned char> bytes;
   };
+  narrowing narrowing_ = narrowing::refuse;
+  std::size_t saturated_ = 0;
   std::vector<entry> entries_;
   std::map<std::string, std::size_t> index_;
   std::map<std::string, std::string> metadata_;
