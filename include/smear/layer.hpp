@@ -118,7 +118,8 @@ class layer : public layer_core<Expert, N> {
   /// the planner's).
   std::size_t workspace_bytes() const noexcept {
     const std::size_t values = merged_.capacity() + merged_grad_.capacity() + saved_.capacity() +
-                               dparams_.capacity() + scratch_.capacity() + dweights_.capacity() + coef_.capacity() + dcoef_.capacity() + outputs_.capacity() +
+                               dparams_.capacity() + scratch_.capacity() + dweights_.capacity() + coef_.capacity() +
+                               dcoef_.capacity() + outputs_.capacity() +
                                dxtmp_.capacity() + dbank_.capacity() + cache_.capacity() + cache_table_.capacity();
     const auto& p = this->plan_;
     return sizeof(T) * (values + p.weights.capacity() + p.table.capacity() + p.coef.capacity()) +

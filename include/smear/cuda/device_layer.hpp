@@ -178,7 +178,7 @@ class device_layer : public layer_core<Expert, N> {
       }
     } else if (this->planner_->reads_pooled()) {
       c.pooled = download(router_dev_.pool(*ctx_, this->router_, x.data, lens, B, L), B, this->input_dim(),
-                          features_host_, op);
+                          pooled_host_, op);
     }
     this->make_plan(c);
     routing_valid_ = false;
@@ -452,7 +452,7 @@ class device_layer : public layer_core<Expert, N> {
   const std::int32_t* last_lengths_ = nullptr;
   std::vector<std::int32_t> lengths_host_;  ///< the lengths now on the device
   std::vector<T> logits_host_, probs_host_, routing_host_, onehot_host_, coef_host_, dcoef_host_, dweights_host_,
-      features_host_, check_host_, cache_table_;
+      features_host_, pooled_host_, check_host_, cache_table_;
   bool routing_valid_ = false;
   std::uint64_t cache_version_ = 0;
 };

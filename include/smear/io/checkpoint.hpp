@@ -269,26 +269,24 @@ void load(const safetensors_file& file, layer<Expert, N, Backend>& l, std::strin
   std::vector<detail::staged_values<T>> staged;
   staged.push_back(detail::stage(file, l.bank(), prefix, map, finite));
   if (l.uses_router()) staged.push_back(detail::stage(file, l.router(), prefix, map, finite));
+  // one planner tensor: `name` of `shape` into `to`
+  auto stage_tensor = [&](const char* name, std::vector<std::size_t> shape, std::span<T> to, const char* needed_by) {
+    detail::staged_values<T> s{to, std::vector<T>(to.size())};
+    detail::read_checked(file, std::string(prefix) + name, map, shape, needed_by, std::span<T>(s.values), finite);
+    staged.push_back(std::move(s));
+  };
   if (l.strategy().strategy == strategy::latent_skills) {
     auto logits = l.skills().logits();
-    detail::staged_values<T> s{{logits.data, logits.rows * logits.cols}, std::vector<T>(logits.rows * logits.cols)};
-    detail::read_checked(file, std::string(prefix) + "skills.logits", map, {logits.rows, logits.cols},
-                         "the latent skills", std::span<T>(s.values), finite);
-    staged.push_back(std::move(s));
+    stage_tensor("skills.logits", {logits.rows, logits.cols}, {logits.data, logits.rows * logits.cols},
+                 "the latent skills");
   }
   if (detail::has_learned_baseline(l)) {
     auto v = l.baseline().values();
-    detail::staged_values<T> s{v, std::vector<T>(v.size())};
-    detail::read_checked(file, std::string(prefix) + "baseline.parameters", map, {v.size()},
-                         "the REINFORCE baseline", std::span<T>(s.values), finite);
-    staged.push_back(std::move(s));
+    stage_tensor("baseline.parameters", {v.size()}, v, "the REINFORCE baseline");
   }
   if (l.strategy().strategy == strategy::cluster) {
     auto c = l.cluster_centres();
-    detail::staged_values<T> s{{c.data, c.rows * c.cols}, std::vector<T>(c.rows * c.cols)};
-    detail::read_checked(file, std::string(prefix) + "clusters", map, {c.rows, c.cols}, "the cluster centres",
-                         std::span<T>(s.values), finite);
-    staged.push_back(std::move(s));
+    stage_tensor("clusters", {c.rows, c.cols}, {c.data, c.rows * c.cols}, "the cluster centres");
   }
   const auto steps = detail::read_training_steps(file, prefix);
   for (const auto& s : staged) detail::commit(s);

@@ -22,7 +22,7 @@ class cluster_planner : public planner_base<cluster_planner<T>, T> {
  public:
   cluster_planner(std::size_t experts, std::size_t parameters, std::size_t dim, const strategy_options& o, rng& init)
       : n_(experts), p_(parameters), d_(dim), momentum_(o.cluster_momentum), centres_(experts * dim), sums_(experts * dim),
-        members_(experts) {
+        norms_(experts), members_(experts) {
     for (auto& v : centres_) v = static_cast<T>(o.cluster_init_scale * init.normal());
   }
 
@@ -34,9 +34,7 @@ class cluster_planner : public planner_base<cluster_planner<T>, T> {
   bool reads_pooled() const noexcept override { return true; }
   void plan(const route_context<T>& c, rng&, routing_plan<T>& out) override {
     const auto h = c.pooled;
-    std::vector<T>& norms = norms_;
-    norms.resize(n_);
-    for (std::size_t e = 0; e < n_; ++e) norms[e] = norm({centres_.data() + e * d_, d_});
+    for (std::size_t e = 0; e < n_; ++e) norms_[e] = norm({centres_.data() + e * d_, d_});
     plan_one_expert_each(out, c.batch, n_, p_, [&](std::size_t b) {
       const auto x = h.row(b);
       const T nx = norm(x);
@@ -45,7 +43,7 @@ class cluster_planner : public planner_base<cluster_planner<T>, T> {
       for (std::size_t e = 0; e < n_; ++e) {
         T dot = 0;
         for (std::size_t j = 0; j < d_; ++j) dot += x[j] * centres_[e * d_ + j];
-        const T den = nx * norms[e];
+        const T den = nx * norms_[e];
         const T sim = den > T(0) ? dot / den : T(0);
         if (sim > best_sim) best = e, best_sim = sim;
       }

@@ -30,7 +30,8 @@ enum class strategy {
 /// The gradient estimator of top-k routing.
 enum class estimator {
   st_gumbel,  ///< straight-through Gumbel-softmax: hard top-k forward, gradients through the relaxed
-              ///< sample s = softmax((z + Gumbel) / τ), τ = the router's temperature
+              ///< sample s = softmax((z + Gumbel) / τ), τ = the router's temperature or the
+              ///< gumbel_temperature schedule at the layer's training step
   reinforce,  ///< score function with a baseline; needs each example's loss in backward()
   dselect,    ///< DSelect-k: smooth-step gates over the experts' binary codes (k = 1)
   switch_gate,  ///< the official code's "switch": the top k of p, outputs scaled by their
