@@ -8,6 +8,8 @@
 // GEMMs a SMEAR block runs at that shape, without any element-wise work: the ceiling), and
 // gemm_square/n:.../threads:... (one square GEMM, the machine's peak for reference).
 // modes: fwd (inference: forward only) and fwdbwd (training: forward then backward).
+// shared/fwd/.../callers:K: inference throughput of one evaluation layer shared by K threads,
+// each with its own workspace and one OpenMP thread (examples/s over all callers).
 //
 // GFLOP/s counts the merge, 2·B·N·P, and the application, 4·B·L·d·m forward; a backward adds
 // 8·B·L·d·m (the adapter's four GEMMs) and 4·B·N·P (the two bank GEMMs). top-1 counts one
@@ -21,6 +23,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <thread>
 #include <vector>
 
 #ifdef _OPENMP
@@ -145,6 +148,33 @@ void run_layer(benchmark::State& state, workload w) {
   state.counters["workspace_ratio"] = double(block.workspace_bytes()) / required;
 }
 
+/// K callers share one SMEAR layer in evaluation mode, each forward through its own workspace
+/// (smear::layer::workspace); every timed iteration runs `per_call` forwards in each caller.
+void run_shared(benchmark::State& state, workload w, std::size_t callers) {
+  constexpr std::size_t N = 8, per_call = 4;
+  set_threads(1);
+  using expert = smear::adapter<float>;
+  smear::layer<expert, N> block{expert{w.d, w.m}, options_for(kind::smear), 42};
+  block.train(false);
+  const smear::layer<expert, N>& shared = block;
+  const std::size_t size = w.batch * w.length * w.d;
+  const std::vector<float> x = random_vector(size, 1);
+  const auto tokens = smear::make_tokens<const float>(x.data(), w.batch, w.length, w.d);
+  std::vector<smear::layer<expert, N>::workspace> ws(callers);
+  std::vector<std::vector<float>> y(callers, std::vector<float>(size));
+  auto calls = [&](std::size_t c) {
+    for (std::size_t i = 0; i < per_call; ++i) shared.forward(ws[c], tokens, y[c]);
+  };
+  for (std::size_t c = 0; c < callers; ++c) calls(c);  // warm-up: buffers are sized here
+  for (auto _ : state) {
+    std::vector<std::jthread> pool;
+    for (std::size_t c = 0; c < callers; ++c) pool.emplace_back(calls, c);
+    pool.clear();  // joins
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * callers * per_call * w.batch));
+}
+
 /// The GEMMs of a SMEAR block at this shape, as plain Eigen products over preallocated
 /// matrices, spread over examples like the layer: the most the layer's GEMMs can reach.
 void run_gemm(benchmark::State& state, workload w) {
@@ -250,6 +280,14 @@ void register_grid() {
               for (kind k : {kind::smear, kind::gemm, kind::top1, kind::ensemble, kind::cached})
                 if (k != kind::cached || md == mode::fwd) add({k, md, s.d, s.m, n, length, batch, threads});
           }
+  for (std::size_t callers : {1, 2, 4}) {
+    const workload w{kind::smear, mode::fwd, 768, 64, 8, 128, 32, 1};
+    benchmark::RegisterBenchmark(("shared/fwd/d:768/m:64/N:8/L:128/B:32/callers:" + std::to_string(callers)).c_str(),
+                                 run_shared, w, callers)
+        ->UseRealTime()
+        ->MeasureProcessCPUTime()
+        ->Unit(benchmark::kMillisecond);
+  }
   for (std::size_t threads : {1, 2})
     benchmark::RegisterBenchmark(("gemm_square/n:1024/threads:" + std::to_string(threads)).c_str(),
                                  run_gemm_square, std::size_t{1024}, threads)

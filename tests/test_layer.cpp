@@ -348,24 +348,75 @@ TEST_CASE("mask_to_lengths refuses a count an int32 length cannot hold" * doctes
 TEST_CASE("non-finite values: propagated by default, reported in checked mode") {
   using E = adapter<float>;
   std::vector<float> x(2 * 2 * 4, 0.5f), y(x.size()), dx(x.size());
-  x[5] = std::numeric_limits<float>::quiet_NaN();
+  x[5] = std::numeric_limits<float>::quiet_NaN();  // example 0, token 1, feature 1
   auto xs = make_tokens<const float>(x.data(), 2, 2, 4);
   layer<E, 2> unchecked{E{4, 2}};
   unchecked.forward(xs, y);
   CHECK(std::isnan(y[5]));
   layer<E, 2> checked{E{4, 2}, {.check_finite = true}};
-  try {
-    checked.forward(xs, y);
-    FAIL("expected numeric_error");
-  } catch (const numeric_error& e) {
-    CHECK(std::string(e.what()).find("x holds nan at flat index 5") != std::string::npos);
-  }
+  CHECK_THROWS_WITH_AS(checked.forward(xs, y), doctest::Contains("x holds nan at example 0, token 1, feature 1"),
+                       numeric_error);
   x[5] = 0.5f;
   checked.forward(xs, y);
   auto dy = y;
   dy[3] = std::numeric_limits<float>::infinity();
-  CHECK_THROWS_WITH_AS(checked.backward(dy, dx), doctest::Contains("dy holds inf at flat index 3"),
+  CHECK_THROWS_WITH_AS(checked.backward(dy, dx), doctest::Contains("dy holds inf at example 0, token 0, feature 3"),
                        numeric_error);
+}
+
+TEST_CASE("checked mode: only what the result reads, named, and nothing changes on a throw") {
+  using E = adapter<double>;
+  const std::size_t B = 2, L = 3, d = 4;
+  std::vector<double> x(B * L * d), y(x.size()), dx(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = 0.1 * std::sin(static_cast<double>(i));
+  const std::vector<std::int32_t> lengths{2, 3};
+  auto xs = make_tokens<const double>(x.data(), B, L, d, lengths);
+  layer<E, 3> block{E{d, 2}, {.check_finite = true}, 7};
+
+  SUBCASE("a NaN in a padding row cannot affect the result: not reported (masked mean)") {
+    x[2 * d + 1] = std::numeric_limits<double>::quiet_NaN();  // example 0, token 2 (padding)
+    block.forward(xs, y);
+    for (double v : y) CHECK(std::isfinite(v));
+    std::vector<double> dy(y.size(), 1.0);
+    dy[2 * d] = std::numeric_limits<double>::infinity();  // padding row of dy: ignored too
+    block.backward(dy, dx);
+  }
+  SUBCASE("a router pooling over every position reads padding rows: reported") {
+    layer<E, 3> mean{E{d, 2}, {.router = {.pool = pooling::mean}, .check_finite = true}, 7};
+    x[2 * d + 1] = std::numeric_limits<double>::quiet_NaN();
+    CHECK_THROWS_WITH_AS(mean.forward(xs, y), doctest::Contains("x holds nan at example 0, token 2"), numeric_error);
+  }
+  SUBCASE("a non-finite parameter is named, before y is written") {
+    block.forward(xs, y);  // a forward to go back through
+    std::vector<double> dy(y.size(), 0.25);
+    const auto slot = find_slot(block.bank().layout(), "up.weight");
+    block.bank().values()(2, slot.offset + 5) = std::numeric_limits<double>::infinity();
+    std::fill(y.begin(), y.end(), 42.0);
+    CHECK_THROWS_WITH_AS(block.forward(xs, y),
+                         doctest::Contains("parameter experts.up.weight of expert 2 holds inf at flat index 5"),
+                         numeric_error);
+    for (double v : y) CHECK(v == 42.0);  // y untouched
+    block.bank().values()(2, slot.offset + 5) = 0.0;
+    // the refused forward did not end the one before: its backward still runs
+    block.backward(dy, dx);
+    block.router().values()[0] = std::numeric_limits<double>::quiet_NaN();
+    CHECK_THROWS_WITH_AS(block.forward(xs, y), doctest::Contains("parameter router.layer_norm.weight holds nan"),
+                         numeric_error);
+  }
+  SUBCASE("a refused backward changes no gradient and can be retried") {
+    block.forward(xs, y);
+    block.zero_grad();
+    std::vector<double> dy(y.size(), 0.25);
+    dy[d + 2] = std::numeric_limits<double>::quiet_NaN();  // example 0, token 1: valid
+    std::ranges::fill(dx, 7.0);
+    CHECK_THROWS_WITH_AS(block.backward(dy, dx), doctest::Contains("dy holds nan at example 0, token 1, feature 2"),
+                         numeric_error);
+    for (double v : dx) CHECK(v == 7.0);
+    for (const auto& p : block.parameters())
+      for (double g : p.grad) CHECK(g == 0.0);
+    dy[d + 2] = 0.25;
+    block.backward(dy, dx);  // still pending
+  }
 }
 
 namespace {

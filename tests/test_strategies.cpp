@@ -162,7 +162,7 @@ TEST_CASE("straight-through Gumbel: the forward is the chosen expert, the backwa
   for (std::size_t b = 0; b < B; ++b) {
     std::vector<double> s(N);
     double zmax = -1e300, sum = 0;
-    for (std::size_t e = 0; e < N; ++e) zmax = std::max(zmax, s[e] = (st.router().logits()(b, e) + noise.gumbel()) / tau);
+    for (std::size_t e = 0; e < N; ++e) zmax = std::max(zmax, s[e] = (st.logits()(b, e) + noise.gumbel()) / tau);
     for (auto& v : s) sum += (v = std::exp(v - zmax));
     for (auto& v : s) v /= sum;
     CHECK(static_cast<std::int32_t>(std::max_element(s.begin(), s.end()) - s.begin()) == chosen[b]);

@@ -6,8 +6,11 @@
 /// the experts, applies them, and goes back through all of it.
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <span>
 #include <utility>
 #include <vector>
@@ -41,6 +44,10 @@ namespace smear {
 /// non-const bank()/router()/skills() accessors and invalidate_cache() all end their validity.
 /// Call invalidate_cache() after writing parameters through spans obtained earlier.
 ///
+/// Threads: a layer is used by one thread at a time, except the const forward(workspace&, ...)
+/// of a layer in evaluation mode, which any number of threads may call at once on one shared
+/// layer, each with its own workspace (see layer::workspace; README "Thread safety").
+///
 /// Inputs are read in place: `x` must stay alive and unchanged from forward() to backward().
 /// Buffers are sized at the first call with a given (B, L) and plan kind and reused: after
 /// that, calls at the same or a smaller shape do not allocate.
@@ -60,6 +67,123 @@ class layer : public layer_core<Expert, N> {
   using typename core::T;
   using typename core::value_type;
   using backend_type = Backend;
+
+ private:
+  /// Merged experts of a per-task table, valid while the layer's parameters are at `version`.
+  struct cache_entry {
+    std::uint64_t version = 0;
+    std::vector<T> table;   ///< [rows, N]: the table they were merged from
+    std::vector<T> values;  ///< [rows, P]
+  };
+  /// The inference cache, shared by every forward of the layer (each thread's included): the
+  /// first to need an entry builds it under the lock, the others wait and then read it; an
+  /// entry in use stays alive (shared_ptr) while a rebuild replaces it.
+  class shared_cache {
+   public:
+    shared_cache() = default;
+    shared_cache(const shared_cache& o) : entry_(o.current()) {}
+    shared_cache& operator=(const shared_cache& o) {
+      if (this != &o) {
+        auto e = o.current();
+        std::lock_guard lock(mutex_);
+        entry_ = std::move(e);
+      }
+      return *this;
+    }
+    std::shared_ptr<const cache_entry> current() const {
+      std::lock_guard lock(mutex_);
+      return entry_;
+    }
+    /// The entry for (version, table), built by `build` unless the current one is it.
+    template <class Build>
+    std::shared_ptr<const cache_entry> get(std::uint64_t at, std::span<const T> table, Build&& build) {
+      std::lock_guard lock(mutex_);
+      if (!entry_ || entry_->version != at || !std::ranges::equal(entry_->table, table)) {
+        auto e = std::make_shared<cache_entry>();
+        e->version = at;
+        e->table.assign(table.begin(), table.end());
+        build(*e);
+        entry_ = std::move(e);
+      }
+      return entry_;
+    }
+    std::size_t bytes() const {
+      auto e = current();
+      return e ? sizeof(T) * (e->table.capacity() + e->values.capacity()) : 0;
+    }
+
+   private:
+    mutable std::mutex mutex_;
+    std::shared_ptr<const cache_entry> entry_;
+  };
+
+  /// The executor's per-call buffers.
+  struct buffers {
+    std::vector<std::size_t> runs;  ///< see group_runs
+    std::vector<T> merged;          ///< [B, P]: θ̄_b, the merged (or gathered) parameters of example b
+    std::vector<T> merged_grad;     ///< [B, P]: G_b = ∂ℓ/∂θ̄_b (merge and gather plans)
+    std::vector<T> dweights;        ///< [B, N]: ∂ℓ/∂W measured for the router (G·Θᵀ, or a mixture's ⟨dy, f⟩)
+    std::vector<T> dparams;         ///< mixture [threads, P]: ∂ℓ/∂θ_e of the expert a thread ran last
+    std::vector<T> saved, scratch, coef, dcoef, outputs, dxtmp, dbank;
+    std::vector<const T*> theta;    ///< [B]: the parameters example b runs (merged, the cache or a bank row)
+    std::vector<std::int32_t> sel;  ///< mixture [B, k]: the expert of each slot
+    std::vector<std::size_t> count;
+    std::vector<char> touched;  ///< [threads, N]: which rows of dbank this backward wrote
+    std::size_t saved_stride = 0, scratch_stride = 0;
+    bool dw_ready = false;                      ///< dweights holds this backward's ∂ℓ/∂W
+    std::shared_ptr<const cache_entry> cache;  ///< the cache entry theta points into
+
+    std::size_t bytes() const noexcept {
+      std::size_t values = 0;
+      for (const auto* v : {&merged, &merged_grad, &dweights, &dparams, &saved, &scratch, &coef, &dcoef, &outputs,
+                            &dxtmp, &dbank})
+        values += v->capacity();
+      return sizeof(T) * values + sizeof(const T*) * theta.capacity() + sizeof(std::int32_t) * sel.capacity() +
+             sizeof(std::size_t) * (count.capacity() + runs.capacity()) + touched.capacity();
+    }
+  };
+
+  /// What one forward executes and writes: its plan, the router's workspace, the buffers.
+  struct frame {
+    routing_plan<T>& plan;
+    typename smear::router<T>::workspace& route;
+    buffers& buf;
+  };
+
+ public:
+  /// Everything one forward writes, for the const forward of a shared evaluation layer: one
+  /// per thread. It holds the plan, the router's and the executor's buffers, a copy of the
+  /// strategy's planner (refreshed when the layer's parameters change) and the generator that
+  /// random routing draws from (no other strategy draws in evaluation). Buffers grow to the
+  /// largest batch seen and are reused, so a thread's steady-state calls do not allocate.
+  class workspace {
+   public:
+    explicit workspace(std::uint64_t seed = 0) : gen_(seed) {}
+
+    /// The distribution over experts of this workspace's last forward, [B, N] (see
+    /// layer::routing()).
+    matrix_ref<const T> routing() const noexcept {
+      if (plan_.by_router) return {route_.used.data(), plan_.batch, N};
+      return plan_.weight_matrix();
+    }
+    /// The experts each example of its last forward ran, [B, k] (see layer::choices()).
+    matrix_ref<const std::int32_t> choices() const noexcept {
+      return {plan_.choices.data(), plan_.batch, plan_.choice_cols};
+    }
+    /// Bytes of its buffers.
+    std::size_t bytes() const noexcept {
+      return buf_.bytes() + route_.bytes() + plan_bytes(plan_) + (planner_ ? planner_->workspace_bytes() : 0);
+    }
+
+   private:
+    friend class layer;
+    routing_plan<T> plan_;
+    typename smear::router<T>::workspace route_;
+    buffers buf_;
+    std::unique_ptr<planner<T>> planner_;
+    std::uint64_t planner_version_ = 0;  ///< the parameter version planner_ was copied at
+    rng gen_;
+  };
 
   /// A block of N experts shaped like `prototype`, initialised from `seed`. Throws value_error
   /// for an invalid option, or when residual is asked for an expert whose input and output
@@ -102,10 +226,11 @@ class layer : public layer_core<Expert, N> {
   /// dropout) for smear, ensemble and top-k (DSelect-k: its selection weights, normalised),
   /// one-hot for tag and hash routing, the allocation for latent skills, the share of
   /// parameter groups per expert for AdaMix in training (uniform at inference).
-  matrix_ref<const T> routing() const noexcept {
-    if (this->plan_.by_router) return this->router_.probabilities();
-    return this->plan_.weight_matrix();
-  }
+  matrix_ref<const T> routing() const noexcept { return probabilities(this->plan_, route_); }
+
+  /// The router's logits z of the last forward (before the temperature), [B, K], for the
+  /// strategies that ran the router.
+  matrix_ref<const T> logits() const noexcept { return this->router_.logits(route_); }
 
   /// The experts each example of the last forward ran, [B, k] (k = 1 except top-k routing):
   /// the chosen ones for discrete strategies, the most probable one for soft strategies.
@@ -117,50 +242,40 @@ class layer : public layer_core<Expert, N> {
   /// per-thread scratch, expert outputs for mixtures, the inference cache, the router's and
   /// the planner's).
   std::size_t workspace_bytes() const noexcept {
-    const std::size_t values = merged_.capacity() + merged_grad_.capacity() + saved_.capacity() +
-                               dparams_.capacity() + scratch_.capacity() + dweights_.capacity() + coef_.capacity() +
-                               dcoef_.capacity() + outputs_.capacity() +
-                               dxtmp_.capacity() + dbank_.capacity() + cache_.capacity() + cache_table_.capacity();
-    const auto& p = this->plan_;
-    return sizeof(T) * (values + p.weights.capacity() + p.table.capacity() + p.coef.capacity()) +
-           sizeof(const T*) * theta_.capacity() +
-           sizeof(std::int32_t) * (p.choices.capacity() + p.expert.capacity() + sel_.capacity()) +
-           sizeof(std::size_t) * (count_.capacity() + runs_.capacity()) + touched_.capacity() +
-           this->router_.workspace_bytes() + this->planner_->workspace_bytes();
+    return buf_.bytes() + route_.bytes() + plan_bytes(this->plan_) + cache_.bytes() +
+           this->planner_->workspace_bytes();
   }
 
   /// y ← block(x). `x` is [B, L, input_dim] with per-example lengths; `y` has B·L·output_dim
   /// values and is written in full (padding rows are zero). `in` carries what some strategies
   /// need: tags (tag, latent skills, task routing), token or example ids (hash). Throws
-  /// shape_error / value_error before any work on a bad shape or input, numeric_error in
-  /// checked mode.
+  /// shape_error / value_error before any work on a bad shape or input; in checked mode
+  /// numeric_error (see check_finite in layer_options).
   void forward(tokens<const T> x, std::span<T> y, route_inputs in = {}) {
     constexpr const char* op = "smear::layer::forward";
-    auto ctx = this->begin_forward(x, y.size(), in, op);
-    if (this->opt_.check_finite) detail::check_finite<T>({x.data, x.size()}, op, "x");
-    const Backend be{};
-    const router_use use = this->planner_->router(ctx);
-    if (use != router_use::none) {
-      this->router_.forward(be, x, ctx.training && use == router_use::with_dropout, this->gen_);
-      ctx.logits = this->router_.logits();
-      ctx.probabilities = this->router_.probabilities();
-    } else if (this->planner_->reads_pooled()) {
-      ctx.pooled = this->router_.pool(be, x);
-    }
-    this->make_plan(ctx);
-    reserve(x.batch, x.length);
-    if (this->plan_.by_router) detail::argmax_rows<T>(this->router_.probabilities(), this->plan_.choices);
-    switch (this->plan_.kind) {
-      case plan_kind::merge: merge(be); break;
-      case plan_kind::gather: gather(); break;
-      case plan_kind::mixture: select_slots(); break;
-    }
-    if (this->plan_.kind == plan_kind::mixture)
-      apply_mixture(be, x, y);
-    else
-      apply(be, x, y);
-    if (this->opt_.check_finite) detail::check_finite<T>(std::span<const T>(y), op, "y");
+    auto ctx = this->check_forward(x, y.size(), in, op);
+    if (this->opt_.check_finite) check_forward_finite(x, *this->planner_, op);
+    this->begin_forward();
+    run_forward({this->plan_, route_, buf_}, *this->planner_, this->gen_, ctx, x, y, op);
     this->end_forward(x);
+  }
+
+  /// y ← block(x) on a layer in evaluation mode, writing only `ws`: any number of threads may
+  /// call it at once on one layer, each with its own workspace, and get what forward() gives
+  /// (bit for bit). No backward follows it; the layer's routing() and choices() do not see
+  /// it (ws.routing(), ws.choices() do). Throws state_error in training mode, otherwise as
+  /// forward().
+  void forward(workspace& ws, tokens<const T> x, std::span<T> y, route_inputs in = {}) const {
+    constexpr const char* op = "smear::layer::forward (shared)";
+    if (this->training_)
+      throw state_error(detail::message(op, ": the shared forward is for evaluation: call train(false) first"));
+    if (!ws.planner_ || ws.planner_version_ != this->version_) {
+      ws.planner_ = this->planner_->clone();
+      ws.planner_version_ = this->version_;
+    }
+    auto ctx = this->check_forward(x, y.size(), in, op);
+    if (this->opt_.check_finite) check_forward_finite(x, *ws.planner_, op);
+    run_forward({ws.plan_, ws.route_, ws.buf_}, *ws.planner_, ws.gen_, ctx, x, y, op);
   }
 
   /// Given dy = ∂ℓ/∂y for the last forward, overwrites dx (B·L·input_dim values) with ∂ℓ/∂x
@@ -169,149 +284,235 @@ class layer : public layer_core<Expert, N> {
   /// router gradient is that of the batch mean, mean_b (ℓ_b − baseline_b)·∇ log p_b(e_b).
   void backward(std::span<const T> dy, std::span<T> dx, std::span<const T> example_losses = {}) {
     constexpr const char* op = "smear::layer::backward";
-    this->begin_backward(dy.size(), dx.size(), example_losses, op);
+    this->check_backward(dy.size(), dx.size(), example_losses, op);
+    const tokens<const T> x = this->last_;
     if (this->opt_.check_finite) {
-      detail::check_finite<T>(dy, op, "dy");
+      check_rows_finite(x, dy, this->output_dim(), op, "dy");
       detail::check_finite<T>(example_losses, op, "example_losses");
     }
-    this->pending_backward_ = false;
-    this->touch();
-    dw_ready_ = false;
+    this->begin_backward();
+    buf_.dw_ready = false;
     const Backend be{};
-    const tokens<const T> x = this->last_;
+    frame f{this->plan_, route_, buf_};
     const tokens<T> dxt{dx.data(), x.batch, x.length, this->input_dim(), x.lengths};
     const auto& p = this->plan_;
     const feedback_needs needs = this->planner_->needs(p, this->was_training_);
     plan_feedback<T> fb{.losses = example_losses, .training = this->was_training_};
-    if (needs.features) fb.features = this->router_.features();
+    if (needs.features) fb.features = this->router_.features(route_);
     if (p.kind == plan_kind::mixture) {
-      backward_mixture(be, x, dy, dxt);
-      fb.dcoef = {dcoef_.data(), x.batch, p.slots};
+      backward_mixture(be, f, x, dy, dxt);
+      fb.dcoef = {buf_.dcoef.data(), x.batch, p.slots};
     } else {
-      backward_experts(be, x, dy, dxt);
-      bank_backward(be);
-      if (needs.dweights) fb.dweights = dweights(be);
+      backward_experts(be, f, x, dy, dxt);
+      bank_backward(be, f);
+      if (needs.dweights) fb.dweights = dweights(be, f);
     }
     switch (this->planner_->backward(p, fb)) {
       case router_gradient::none: break;
       case router_gradient::measured:
-        this->router_.backward(be, p.kind == plan_kind::mixture ? scatter_dcoef() : dweights(be), dxt);
+        this->router_.backward(be, p.kind == plan_kind::mixture ? scatter_dcoef(f) : dweights(be, f), dxt, route_);
         break;
-      case router_gradient::probabilities: this->router_.backward(be, this->planner_->gradient(), dxt); break;
-      case router_gradient::logits: this->router_.backward_logits(be, this->planner_->gradient(), dxt); break;
+      case router_gradient::probabilities:
+        this->router_.backward(be, this->planner_->gradient(), dxt, route_);
+        break;
+      case router_gradient::logits:
+        this->router_.backward_logits(be, this->planner_->gradient(), dxt, route_);
+        break;
     }
     if (this->opt_.check_finite) {
-      detail::check_finite<T>(std::span<const T>(dx), op, "dx");
-      auto g = this->bank_.gradients();
-      detail::check_finite<T>({g.data, g.rows * g.cols}, op, "expert gradients");
-      detail::check_finite<T>(std::span<const T>(this->router_.gradients()), op, "router gradients");
+      // inputs and parameters were finite: a non-finite value here arose in the computation
+      check_rows_finite(tokens<const T>{dx.data(), x.batch, x.length, this->input_dim(), x.lengths},
+                        std::span<const T>(dx), this->input_dim(), op, "dx");
+      check_parameters_finite(this->bank_.gradients(), this->router_.gradients(), op, "gradient");
     }
   }
 
  private:
   std::size_t P() const noexcept { return this->bank_.parameter_count(); }
-  std::size_t batch() const noexcept { return this->plan_.batch; }
   /// Experts one example may run: the plan's slots for a mixture, else 1.
-  std::size_t slots() const noexcept { return this->plan_.kind == plan_kind::mixture ? this->plan_.slots : 1; }
-  bool cached() const noexcept { return this->plan_.kind == plan_kind::merge && this->plan_.table_rows > 0; }
+  static std::size_t slots(const routing_plan<T>& p) noexcept { return p.kind == plan_kind::mixture ? p.slots : 1; }
+  static bool cached(const routing_plan<T>& p) noexcept { return p.kind == plan_kind::merge && p.table_rows > 0; }
+  static std::size_t plan_bytes(const routing_plan<T>& p) noexcept {
+    return sizeof(T) * (p.weights.capacity() + p.table.capacity() + p.coef.capacity()) +
+           sizeof(std::int32_t) * (p.choices.capacity() + p.expert.capacity()) +
+           sizeof(std::size_t) * p.count.capacity();
+  }
+  /// The distribution over experts a plan reports (the router's p when by_router).
+  matrix_ref<const T> probabilities(const routing_plan<T>& p,
+                                    const typename smear::router<T>::workspace& route) const noexcept {
+    if (p.by_router) return this->router_.probabilities(route);
+    return p.weight_matrix();
+  }
 
-  void reserve(std::size_t B, std::size_t L) {
+  // ---- checked mode --------------------------------------------------------------------
+
+  /// Throws numeric_error naming the first non-finite value among what a forward of `x`
+  /// reads: the rows of x the layer reads (the valid ones; every row when the router pools
+  /// over all positions), the experts' and the router's parameters, the planner's tensors.
+  void check_forward_finite(tokens<const T> x, planner<T>& pl, const char* op) const {
+    const bool all_rows = this->router_.options().pool == pooling::mean &&
+                          (this->uses_router() || pl.reads_pooled());
+    check_rows_finite(all_rows ? tokens<const T>{x.data, x.batch, x.length, x.dim, {}} : x,
+                      std::span<const T>(x.data, x.size()), x.dim, op, "x");
+    check_parameters_finite(this->bank_.values(), this->router_.values(), op, "parameter");
+    parameter_list<T> own;
+    pl.append_parameters(own);
+    for (const auto& t : own) detail::check_finite<T>(t.value, op, t.name.c_str());
+  }
+  /// The valid rows of a [B, L, width] tensor laid out like `x`.
+  static void check_rows_finite(tokens<const T> x, std::span<const T> v, std::size_t width, const char* op,
+                                const char* what) {
+    for (std::size_t b = 0; b < x.batch; ++b)
+      for (std::size_t i = 0; i < x.valid(b) * width; ++i) {
+        const T value = v[(b * x.length) * width + i];
+        if (!std::isfinite(value))
+          throw numeric_error(detail::message(op, ": ", what, " holds ", value, " at example ", b, ", token ",
+                                              i / width, ", feature ", i % width));
+      }
+  }
+  /// The bank's and the router's tensors (values or gradients), by name.
+  void check_parameters_finite(matrix_ref<const T> bank, std::span<const T> router, const char* op,
+                               const char* what) const {
+    for (std::size_t e = 0; e < N; ++e)
+      for (const auto& s : this->bank_.layout())
+        for (std::size_t i = 0; i < s.size(); ++i)
+          if (const T v = bank(e, s.offset + i); !std::isfinite(v))
+            throw numeric_error(detail::message(op, ": ", what, " experts.", s.name, " of expert ", e, " holds ",
+                                                v, " at flat index ", i, " of ", s.size()));
+    if (!this->uses_router()) return;
+    for (const auto& s : this->router_.layout())
+      for (std::size_t i = 0; i < s.size(); ++i)
+        if (const T v = router[s.offset + i]; !std::isfinite(v))
+          throw numeric_error(detail::message(op, ": ", what, " router.", s.name, " holds ", v, " at flat index ",
+                                              i, " of ", s.size()));
+  }
+
+  // ---- executing a plan, forward -------------------------------------------------------
+
+  /// The router, the plan, then its execution, into `f`.
+  void run_forward(frame f, planner<T>& pl, rng& gen, route_context<T> ctx, tokens<const T> x, std::span<T> y,
+                   const char* op) const {
     const Backend be{};
-    const std::size_t threads = backend::max_threads(be), k = slots();
+    const router_use use = pl.router(ctx);
+    if (use != router_use::none) {
+      this->router_.forward(be, x, ctx.training && use == router_use::with_dropout, gen, f.route);
+      ctx.logits = this->router_.logits(f.route);
+      ctx.probabilities = this->router_.probabilities(f.route);
+    } else if (pl.reads_pooled()) {
+      ctx.pooled = this->router_.pool(be, x, f.route);
+    }
+    pl.plan(ctx, gen, f.plan);
+    reserve(f, x.batch, x.length);
+    if (f.plan.by_router) detail::argmax_rows<T>(this->router_.probabilities(f.route), f.plan.choices);
+    switch (f.plan.kind) {
+      case plan_kind::merge: merge(be, f); break;
+      case plan_kind::gather: gather(f); break;
+      case plan_kind::mixture: select_slots(f); break;
+    }
+    if (f.plan.kind == plan_kind::mixture)
+      apply_mixture(be, f, x, y);
+    else
+      apply(be, f, x, y);
+    if (this->opt_.check_finite)  // inputs and parameters were finite: it arose in the computation
+      check_rows_finite(x, std::span<const T>(y), this->output_dim(), op, "y");
+  }
+
+  void reserve(frame f, std::size_t B, std::size_t L) const {
+    const Backend be{};
+    const std::size_t threads = backend::max_threads(be), k = slots(f.plan);
     const auto& ex = this->bank_.expert();
-    saved_stride_ = ex.saved_size(L);
+    buffers& w = f.buf;
+    w.saved_stride = ex.saved_size(L);
     // a run of the inference cache may hold the whole batch (group_runs)
-    scratch_stride_ = ex.scratch_size(is_row_wise_expert<Expert> && cached() ? B * L : L);
-    grow(merged_, B * P());
-    grow(saved_, B * k * saved_stride_);
-    grow(scratch_, threads * scratch_stride_);
-    grow(dweights_, B * N);
-    if (theta_.size() < B) theta_.resize(B);
-    if (this->plan_.kind != plan_kind::mixture) grow(merged_grad_, B * P());
-    if (this->plan_.kind == plan_kind::mixture) {
-      grow(dparams_, threads * P());
-      grow(sel_, B * k);
-      grow(coef_, B * k);
-      grow(count_, B);
-      grow(dcoef_, B * k);
-      grow(outputs_, B * k * L * this->output_dim());
-      grow(dxtmp_, threads * L * this->input_dim());
-      grow(dbank_, threads * N * P());
-      grow(touched_, threads * N);
+    w.scratch_stride = ex.scratch_size(is_row_wise_expert<Expert> && cached(f.plan) ? B * L : L);
+    grow(w.merged, B * P());
+    grow(w.saved, B * k * w.saved_stride);
+    grow(w.scratch, threads * w.scratch_stride);
+    grow(w.dweights, B * N);
+    if (w.theta.size() < B) w.theta.resize(B);
+    if (f.plan.kind != plan_kind::mixture) grow(w.merged_grad, B * P());
+    if (f.plan.kind == plan_kind::mixture) {
+      grow(w.dparams, threads * P());
+      grow(w.sel, B * k);
+      grow(w.coef, B * k);
+      grow(w.count, B);
+      grow(w.dcoef, B * k);
+      grow(w.outputs, B * k * L * this->output_dim());
+      grow(w.dxtmp, threads * L * this->input_dim());
+      grow(w.dbank, threads * N * P());
+      grow(w.touched, threads * N);
     }
   }
   template <class V>
   static void grow(std::vector<V>& v, std::size_t n) {
     if (v.size() < n) v.resize(n);
   }
-  matrix_ref<T> merged() noexcept { return {merged_.data(), batch(), P()}; }
-  matrix_ref<T> merged_grad() noexcept { return {merged_grad_.data(), batch(), P()}; }
-  std::span<T> saved(std::size_t slot, std::size_t rows) noexcept {
-    return {saved_.data() + slot * saved_stride_, this->bank_.expert().saved_size(rows)};
+  matrix_ref<T> merged(frame f) const noexcept { return {f.buf.merged.data(), f.plan.batch, P()}; }
+  matrix_ref<T> merged_grad(frame f) const noexcept { return {f.buf.merged_grad.data(), f.plan.batch, P()}; }
+  std::span<T> saved(frame f, std::size_t slot, std::size_t rows) const noexcept {
+    return {f.buf.saved.data() + slot * f.buf.saved_stride, this->bank_.expert().saved_size(rows)};
   }
-  std::span<T> scratch(std::size_t thread, std::size_t rows) noexcept {
-    return {scratch_.data() + thread * scratch_stride_, this->bank_.expert().scratch_size(rows)};
+  std::span<T> scratch(frame f, std::size_t thread, std::size_t rows) const noexcept {
+    return {f.buf.scratch.data() + thread * f.buf.scratch_stride, this->bank_.expert().scratch_size(rows)};
   }
   std::span<const T> bank_row(std::size_t e) const noexcept { return this->bank_.values().row(e); }
-  /// The weights a merge multiplies the bank with: [B, N].
-  matrix_ref<const T> merge_weights() const noexcept { return routing(); }
-
-  // ---- executing a plan, forward -------------------------------------------------------
 
   /// θ̄ = W·Θ for the batch, or through the plan's table: each row merged once and cached.
-  void merge(const Backend& be) {
-    const auto& p = this->plan_;
-    const std::size_t B = batch();
+  void merge(const Backend& be, frame f) const {
+    const auto& p = f.plan;
+    const std::size_t B = p.batch;
     if (p.table_rows == 0) {
-      backend::gemm<T>(be, false, false, T(1), merge_weights(), matrix_ref<const T>(this->bank_.values()), T(0),
-                       merged());
-      for (std::size_t b = 0; b < B; ++b) theta_[b] = merged_.data() + b * P();
+      backend::gemm<T>(be, false, false, T(1), probabilities(p, f.route), matrix_ref<const T>(this->bank_.values()),
+                       T(0), merged(f));
+      for (std::size_t b = 0; b < B; ++b) f.buf.theta[b] = f.buf.merged.data() + b * P();
       return;
     }
-    if (!this->cache_valid(cache_version_, cache_table_)) {
-      cache_table_ = p.table;
-      cache_.resize(p.table_rows * P());
-      backend::gemm<T>(be, false, false, T(1), matrix_ref<const T>{cache_table_.data(), p.table_rows, N},
-                       matrix_ref<const T>(this->bank_.values()), T(0), matrix_ref<T>{cache_.data(), p.table_rows, P()});
-      cache_version_ = this->version_;
-      ++this->cache_builds_;
-    }
-    for (std::size_t b = 0; b < B; ++b) theta_[b] = cache_.data() + p.table_row[b] * P();
+    f.buf.cache = cache_.get(this->version_, std::span<const T>(p.table.data(), p.table_rows * N),
+                             [&](cache_entry& e) {
+                               e.values.resize(p.table_rows * P());
+                               backend::gemm<T>(be, false, false, T(1),
+                                                matrix_ref<const T>{e.table.data(), p.table_rows, N},
+                                                matrix_ref<const T>(this->bank_.values()), T(0),
+                                                matrix_ref<T>{e.values.data(), p.table_rows, P()});
+                               ++this->cache_builds_;
+                             });
+    for (std::size_t b = 0; b < B; ++b) f.buf.theta[b] = f.buf.cache->values.data() + p.table_row[b] * P();
   }
 
   /// Each example's parameter groups copied from their experts (one whole expert: its row).
-  void gather() {
-    const auto& p = this->plan_;
+  void gather(frame f) const {
+    const auto& p = f.plan;
     const std::size_t G = p.groups.size();
-    for (std::size_t b = 0; b < batch(); ++b) {
+    for (std::size_t b = 0; b < p.batch; ++b) {
       if (G == 1 && p.groups[0].size == P()) {
-        theta_[b] = bank_row(static_cast<std::size_t>(p.expert[b])).data();
+        f.buf.theta[b] = bank_row(static_cast<std::size_t>(p.expert[b])).data();
         continue;
       }
-      std::span<T> row = merged().row(b);
+      std::span<T> row = merged(f).row(b);
       for (std::size_t g = 0; g < G; ++g)
         std::copy_n(bank_row(static_cast<std::size_t>(p.expert[b * G + g])).data() + p.groups[g].offset,
                     p.groups[g].size, row.data() + p.groups[g].offset);
-      theta_[b] = row.data();
+      f.buf.theta[b] = row.data();
     }
   }
 
   /// The slots a mixture runs: the plan's, or for a by-router mixture every expert with p > 0.
-  void select_slots() {
-    const auto& p = this->plan_;
+  void select_slots(frame f) const {
+    const auto& p = f.plan;
     const std::size_t k = p.slots;
+    buffers& w = f.buf;
     if (!p.by_router) {
-      std::copy_n(p.expert.data(), batch() * k, sel_.data());
-      std::copy_n(p.coef.data(), batch() * k, coef_.data());
-      std::copy_n(p.count.data(), batch(), count_.data());
+      std::copy_n(p.expert.data(), p.batch * k, w.sel.data());
+      std::copy_n(p.coef.data(), p.batch * k, w.coef.data());
+      std::copy_n(p.count.data(), p.batch, w.count.data());
       return;
     }
-    const auto w = this->router_.probabilities();
-    for (std::size_t b = 0; b < batch(); ++b) {
+    const auto pr = this->router_.probabilities(f.route);
+    for (std::size_t b = 0; b < p.batch; ++b) {
       std::size_t n = 0;
       for (std::size_t e = 0; e < N; ++e)
-        if (w(b, e) > T(0)) sel_[b * k + n] = static_cast<std::int32_t>(e), coef_[b * k + n++] = w(b, e);
-      count_[b] = n;
+        if (pr(b, e) > T(0)) w.sel[b * k + n] = static_cast<std::int32_t>(e), w.coef[b * k + n++] = pr(b, e);
+      w.count[b] = n;
     }
   }
 
@@ -322,13 +523,15 @@ class layer : public layer_core<Expert, N> {
   /// Consecutive examples that one call of the expert takes as one block of rows: in the
   /// inference cache, with a row-wise expert, examples sharing a merged expert whose rows are
   /// contiguous (each but the last is full length). Elsewhere each example is its own run.
-  /// runs_ holds the first example of each run, then B.
-  void group_runs(tokens<const T> x) {
-    runs_.clear();
-    const bool grouped = is_row_wise_expert<Expert> && cached();
+  /// runs holds the first example of each run, then B.
+  static void group_runs(frame f, tokens<const T> x) {
+    auto& runs = f.buf.runs;
+    const auto& theta = f.buf.theta;
+    runs.clear();
+    const bool grouped = is_row_wise_expert<Expert> && cached(f.plan);
     for (std::size_t b = 0; b < x.batch; ++b)
-      if (!(grouped && b > 0 && theta_[b] == theta_[runs_.back()] && x.valid(b - 1) == x.length)) runs_.push_back(b);
-    runs_.push_back(x.batch);
+      if (!(grouped && b > 0 && theta[b] == theta[runs.back()] && x.valid(b - 1) == x.length)) runs.push_back(b);
+    runs.push_back(x.batch);
   }
   static std::size_t run_rows(tokens<const T> x, std::size_t first, std::size_t last) {
     return (last - first - 1) * x.length + x.valid(last - 1);
@@ -336,50 +539,52 @@ class layer : public layer_core<Expert, N> {
 
   /// f(first, last, thread) for each run, spread over threads when there is enough work.
   template <class F>
-  void for_each_run(const Backend& be, tokens<const T> x, F&& f) {
-    const std::size_t runs = runs_.size() - 1;
+  void for_each_run(const Backend& be, frame f, tokens<const T> x, F&& fn) const {
+    const auto& runs = f.buf.runs;
+    const std::size_t count = runs.size() - 1;
     std::size_t rows = 0;
     for (std::size_t b = 0; b < x.batch; ++b) rows += x.valid(b);
-    const auto run = [&](std::size_t r, std::size_t thread) { f(runs_[r], runs_[r + 1], thread); };
-    if (runs == 1 || rows * P() < parallel_work) {
-      for (std::size_t r = 0; r < runs; ++r) run(r, std::size_t{0});
+    const auto run = [&](std::size_t r, std::size_t thread) { fn(runs[r], runs[r + 1], thread); };
+    if (count == 1 || rows * P() < parallel_work) {
+      for (std::size_t r = 0; r < count; ++r) run(r, std::size_t{0});
       return;
     }
-    backend::parallel_for(be, runs, run);
+    backend::parallel_for(be, count, run);
   }
 
-  /// f(b, thread) for every example of a mixture, spread over the backend's threads when the
+  /// fn(b, thread) for every example of a mixture, spread over the backend's threads when the
   /// batch is worth it.
   template <class F>
-  void for_each_example(const Backend& be, tokens<const T> x, F&& f) {
+  void for_each_example(const Backend& be, frame f, tokens<const T> x, F&& fn) const {
     std::size_t rows = 0;
-    for (std::size_t b = 0; b < x.batch; ++b) rows += x.valid(b) * count_[b];
+    for (std::size_t b = 0; b < x.batch; ++b) rows += x.valid(b) * f.buf.count[b];
     if (rows * P() < parallel_work) {
-      for (std::size_t b = 0; b < x.batch; ++b) f(b, std::size_t{0});
+      for (std::size_t b = 0; b < x.batch; ++b) fn(b, std::size_t{0});
       return;
     }
-    backend::parallel_for(be, x.batch, std::forward<F>(f));
+    backend::parallel_for(be, x.batch, std::forward<F>(fn));
   }
 
-  void apply(const Backend& be, tokens<const T> x, std::span<T> y) {
+  void apply(const Backend& be, frame f, tokens<const T> x, std::span<T> y) const {
     const Expert& ex = this->bank_.expert();
     const std::size_t din = this->input_dim(), dout = this->output_dim(), L = x.length;
-    group_runs(x);
-    for_each_run(be, x, [&](std::size_t first, std::size_t last, std::size_t) {
+    group_runs(f, x);
+    for_each_run(be, f, x, [&](std::size_t first, std::size_t last, std::size_t) {
       const std::size_t rows = run_rows(x, first, last);
       matrix_ref<const T> xb{x.data + first * L * din, rows, din};
       matrix_ref<T> yb{y.data() + first * L * dout, rows, dout};
-      ex.forward(be, std::span<const T>(theta_[first], P()), xb, yb, saved(first, rows));
+      ex.forward(be, std::span<const T>(f.buf.theta[first], P()), xb, yb, saved(f, first, rows));
       if (this->residual_)
         backend::axpy<T>(be, T(1), std::span<const T>(xb.data, rows * din), {yb.data, rows * dout});
       std::fill(yb.data + rows * dout, y.data() + last * L * dout, T(0));
     });
   }
 
-  void apply_mixture(const Backend& be, tokens<const T> x, std::span<T> y) {
+  void apply_mixture(const Backend& be, frame f, tokens<const T> x, std::span<T> y) const {
     const Expert& ex = this->bank_.expert();
-    const std::size_t din = this->input_dim(), dout = this->output_dim(), k = slots(), L = x.length;
-    for_each_example(be, x, [&](std::size_t b, std::size_t) {
+    const std::size_t din = this->input_dim(), dout = this->output_dim(), k = slots(f.plan), L = x.length;
+    const buffers& w = f.buf;
+    for_each_example(be, f, x, [&](std::size_t b, std::size_t) {
       const std::size_t rows = x.valid(b);
       matrix_ref<const T> xb = x.example(b).middle_rows(0, rows);
       std::span<T> yb{y.data() + b * L * dout, rows * dout};
@@ -387,11 +592,11 @@ class layer : public layer_core<Expert, N> {
         std::copy_n(xb.data, rows * din, yb.data());
       else
         std::fill(yb.begin(), yb.end(), T(0));
-      for (std::size_t j = 0; j < count_[b]; ++j) {
+      for (std::size_t j = 0; j < w.count[b]; ++j) {
         const std::size_t slot = b * k + j;
-        matrix_ref<T> out{outputs_.data() + slot * L * dout, rows, dout};
-        ex.forward(be, bank_row(static_cast<std::size_t>(sel_[slot])), xb, out, saved(slot, rows));
-        backend::axpy<T>(be, coef_[slot], std::span<const T>(out.data, rows * dout), yb);
+        matrix_ref<T> out{f.buf.outputs.data() + slot * L * dout, rows, dout};
+        ex.forward(be, bank_row(static_cast<std::size_t>(w.sel[slot])), xb, out, saved(f, slot, rows));
+        backend::axpy<T>(be, w.coef[slot], std::span<const T>(out.data, rows * dout), yb);
       }
       std::fill(y.data() + b * L * dout + rows * dout, y.data() + (b + 1) * L * dout, T(0));
     });
@@ -401,37 +606,37 @@ class layer : public layer_core<Expert, N> {
 
   /// Expert backward for the single-parameter-vector plans (merge, gather): ∂ℓ/∂x into dx and
   /// G_b = ∂ℓ/∂θ_b into row b of merged_grad().
-  void backward_experts(const Backend& be, tokens<const T> x, std::span<const T> dy, tokens<T> dx) {
+  void backward_experts(const Backend& be, frame f, tokens<const T> x, std::span<const T> dy, tokens<T> dx) {
     const Expert& ex = this->bank_.expert();
     const std::size_t din = this->input_dim(), dout = this->output_dim(), L = x.length;
-    for_each_run(be, x, [&](std::size_t first, std::size_t last, std::size_t thread) {
+    for_each_run(be, f, x, [&](std::size_t first, std::size_t last, std::size_t thread) {
       const std::size_t rows = run_rows(x, first, last);
       matrix_ref<const T> xb{x.data + first * L * din, rows, din};
       matrix_ref<const T> dyb{dy.data() + first * L * dout, rows, dout};
       matrix_ref<T> dxb{dx.data + first * L * din, rows, din};
       // the run's first row gets its gradient; its other rows get 0 (a run shares θ̄ and
       // its routing weights, so the first row's G is the run's)
-      ex.backward(be, std::span<const T>(theta_[first], P()), xb, std::span<const T>(saved(first, rows)), dyb, dxb,
-                  merged_grad().row(first), scratch(thread, rows));
+      ex.backward(be, std::span<const T>(f.buf.theta[first], P()), xb, std::span<const T>(saved(f, first, rows)),
+                  dyb, dxb, merged_grad(f).row(first), scratch(f, thread, rows));
       if (this->residual_)
         backend::axpy<T>(be, T(1), std::span<const T>(dyb.data, rows * dout), {dxb.data, rows * din});
       std::fill(dxb.data + rows * din, dx.data + last * L * din, T(0));
-      for (std::size_t b = first + 1; b < last; ++b) std::ranges::fill(merged_grad().row(b), T(0));
+      for (std::size_t b = first + 1; b < last; ++b) std::ranges::fill(merged_grad(f).row(b), T(0));
     });
   }
 
   /// From G (rows of merged_grad()) to the bank's gradient: Wᵀ·G for a merge, a scatter of each
   /// group to its expert for a gather.
-  void bank_backward(const Backend& be) {
-    const auto& p = this->plan_;
-    const matrix_ref<const T> grad_merged = merged_grad();
+  void bank_backward(const Backend& be, frame f) {
+    const auto& p = f.plan;
+    const matrix_ref<const T> grad_merged = merged_grad(f);
     auto bank_grad = this->bank_.gradients();
     if (p.kind == plan_kind::merge) {
-      backend::gemm<T>(be, true, false, T(1), merge_weights(), grad_merged, T(1), bank_grad);
+      backend::gemm<T>(be, true, false, T(1), probabilities(p, f.route), grad_merged, T(1), bank_grad);
       return;
     }
     const std::size_t G = p.groups.size();
-    for (std::size_t b = 0; b < batch(); ++b)
+    for (std::size_t b = 0; b < p.batch; ++b)
       for (std::size_t g = 0; g < G; ++g)
         backend::axpy<T>(be, T(1), grad_merged.row(b).subspan(p.groups[g].offset, p.groups[g].size),
                          bank_grad.row(static_cast<std::size_t>(p.expert[b * G + g]))
@@ -439,36 +644,38 @@ class layer : public layer_core<Expert, N> {
   }
 
   /// ∂ℓ/∂W = G·Θᵀ of the last merge, [B, N] (computed once per backward).
-  matrix_ref<const T> dweights(const Backend& be) {
-    matrix_ref<T> dw{dweights_.data(), batch(), N};
-    if (!dw_ready_) {
-      backend::gemm<T>(be, false, true, T(1), matrix_ref<const T>(merged_grad()),
+  matrix_ref<const T> dweights(const Backend& be, frame f) const {
+    matrix_ref<T> dw{f.buf.dweights.data(), f.plan.batch, N};
+    if (!f.buf.dw_ready) {
+      backend::gemm<T>(be, false, true, T(1), matrix_ref<const T>(merged_grad(f)),
                        matrix_ref<const T>(this->bank_.values()), T(0), dw);
-      dw_ready_ = true;
+      f.buf.dw_ready = true;
     }
     return dw;
   }
 
   /// A by-router mixture's slot dot products as ∂ℓ/∂p, [B, N].
-  matrix_ref<const T> scatter_dcoef() {
-    matrix_ref<T> dp{dweights_.data(), batch(), N};
-    const std::size_t k = slots();
-    for (std::size_t b = 0; b < batch(); ++b) {
+  static matrix_ref<const T> scatter_dcoef(frame f) {
+    matrix_ref<T> dp{f.buf.dweights.data(), f.plan.batch, N};
+    const std::size_t k = slots(f.plan);
+    for (std::size_t b = 0; b < f.plan.batch; ++b) {
       std::fill_n(dp.row(b).data(), N, T(0));
-      for (std::size_t j = 0; j < count_[b]; ++j) dp(b, static_cast<std::size_t>(sel_[b * k + j])) = dcoef_[b * k + j];
+      for (std::size_t j = 0; j < f.buf.count[b]; ++j)
+        dp(b, static_cast<std::size_t>(f.buf.sel[b * k + j])) = f.buf.dcoef[b * k + j];
     }
     return dp;
   }
 
-  /// Mixture backward: each run expert's backward, scaled by its coefficient; dcoef_ gets
+  /// Mixture backward: each run expert's backward, scaled by its coefficient; dcoef gets
   /// ⟨dy_b, f(x_b; θ_e)⟩, the gradient of each coefficient.
-  void backward_mixture(const Backend& be, tokens<const T> x, std::span<const T> dy, tokens<T> dx) {
+  void backward_mixture(const Backend& be, frame f, tokens<const T> x, std::span<const T> dy, tokens<T> dx) {
     const Expert& ex = this->bank_.expert();
-    const std::size_t din = this->input_dim(), dout = this->output_dim(), k = slots(), L = x.length,
+    const std::size_t din = this->input_dim(), dout = this->output_dim(), k = slots(f.plan), L = x.length,
                       threads = backend::max_threads(be);
+    buffers& w = f.buf;
     // each thread's accumulator row for expert e is written by the first example that ran e on it
-    std::fill_n(touched_.data(), threads * N, char{0});
-    for_each_example(be, x, [&](std::size_t b, std::size_t thread) {
+    std::fill_n(w.touched.data(), threads * N, char{0});
+    for_each_example(be, f, x, [&](std::size_t b, std::size_t thread) {
       const std::size_t rows = x.valid(b);
       matrix_ref<const T> xb = x.example(b).middle_rows(0, rows);
       matrix_ref<const T> dyb{dy.data() + b * L * dout, rows, dout};
@@ -479,48 +686,36 @@ class layer : public layer_core<Expert, N> {
       } else {
         std::fill(dxb.begin(), dxb.end(), T(0));
       }
-      std::span<T> g{dparams_.data() + thread * P(), P()};
-      matrix_ref<T> dxe{dxtmp_.data() + thread * L * din, rows, din};
-      for (std::size_t j = 0; j < count_[b]; ++j) {
-        const std::size_t slot = b * k + j, e = static_cast<std::size_t>(sel_[slot]);
-        ex.backward(be, bank_row(e), xb, std::span<const T>(saved(slot, rows)), dyb, dxe, g, scratch(thread, rows));
-        backend::axpy<T>(be, coef_[slot], std::span<const T>(dxe.data, rows * din), dxb.first(rows * din));
-        std::span<T> acc{dbank_.data() + (thread * N + e) * P(), P()};
-        if (touched_[thread * N + e]) {
-          backend::axpy<T>(be, coef_[slot], std::span<const T>(g), acc);
+      std::span<T> g{w.dparams.data() + thread * P(), P()};
+      matrix_ref<T> dxe{w.dxtmp.data() + thread * L * din, rows, din};
+      for (std::size_t j = 0; j < w.count[b]; ++j) {
+        const std::size_t slot = b * k + j, e = static_cast<std::size_t>(w.sel[slot]);
+        ex.backward(be, bank_row(e), xb, std::span<const T>(saved(f, slot, rows)), dyb, dxe, g,
+                    scratch(f, thread, rows));
+        backend::axpy<T>(be, w.coef[slot], std::span<const T>(dxe.data, rows * din), dxb.first(rows * din));
+        std::span<T> acc{w.dbank.data() + (thread * N + e) * P(), P()};
+        if (w.touched[thread * N + e]) {
+          backend::axpy<T>(be, w.coef[slot], std::span<const T>(g), acc);
         } else {
-          touched_[thread * N + e] = 1;
-          std::transform(g.begin(), g.end(), acc.begin(), [c = coef_[slot]](T v) { return c * v; });
+          w.touched[thread * N + e] = 1;
+          std::transform(g.begin(), g.end(), acc.begin(), [c = w.coef[slot]](T v) { return c * v; });
         }
-        const T* out = outputs_.data() + slot * L * dout;
+        const T* out = w.outputs.data() + slot * L * dout;
         T dot = 0;
         for (std::size_t i = 0; i < rows * dout; ++i) dot += dyb.data[i] * out[i];
-        dcoef_[slot] = dot;
+        w.dcoef[slot] = dot;
       }
     });
     auto bank_grad = this->bank_.gradients();
     for (std::size_t t = 0; t < threads; ++t)
       for (std::size_t e = 0; e < N; ++e)
-        if (touched_[t * N + e])
-          backend::axpy<T>(be, T(1), std::span<const T>(dbank_.data() + (t * N + e) * P(), P()), bank_grad.row(e));
+        if (w.touched[t * N + e])
+          backend::axpy<T>(be, T(1), std::span<const T>(w.dbank.data() + (t * N + e) * P(), P()), bank_grad.row(e));
   }
 
-  // per-call buffers
-  std::vector<std::size_t> runs_;  // see group_runs
-  std::vector<T> merged_;       ///< [B, P]: θ̄_b, the merged (or gathered) parameters of example b
-  std::vector<T> merged_grad_;  ///< [B, P]: G_b = ∂ℓ/∂θ̄_b (merge and gather plans)
-  std::vector<T> dweights_;     ///< [B, N]: ∂ℓ/∂W measured for the router (G·Θᵀ, or a mixture's ⟨dy, f⟩)
-  std::vector<T> dparams_;      ///< mixture [threads, P]: ∂ℓ/∂θ_e of the expert a thread ran last
-  std::vector<T> saved_, scratch_, coef_, dcoef_, outputs_, dxtmp_, dbank_;
-  std::vector<const T*> theta_;    ///< [B]: the parameters example b runs (merged_, cache_ or a bank row)
-  std::vector<std::int32_t> sel_;  ///< mixture [B, k]: the expert of each slot
-  std::vector<std::size_t> count_;
-  std::vector<char> touched_;  ///< [threads, N]: which rows of dbank_ this backward wrote
-  std::size_t saved_stride_ = 0, scratch_stride_ = 0;
-  bool dw_ready_ = false;  ///< dweights_ holds this backward's ∂ℓ/∂W
-  // the inference cache: the table it was merged from, at which parameter version
-  std::vector<T> cache_, cache_table_;
-  std::uint64_t cache_version_ = 0;
+  typename smear::router<T>::workspace route_;  ///< the router's buffers of the layer's own forward
+  buffers buf_;                                 ///< the executor's buffers of the layer's own forward
+  mutable shared_cache cache_;                  ///< the inference cache, shared by every forward
 };
 
 }  // namespace smear

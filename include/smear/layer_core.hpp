@@ -7,6 +7,7 @@
 /// cuda layer) derives from it and only executes plans.
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -23,6 +24,34 @@
 #include "smear/tensor.hpp"
 
 namespace smear {
+namespace detail {
+
+/// A process-wide source of parameter versions (see layer_core::touch()).
+inline std::uint64_t next_parameter_version() noexcept {
+  static std::atomic<std::uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
+/// A counter that threads may increment at once, copied by value.
+class relaxed_counter {
+ public:
+  relaxed_counter() = default;
+  relaxed_counter(const relaxed_counter& o) noexcept : n_(o.value()) {}
+  relaxed_counter& operator=(const relaxed_counter& o) noexcept {
+    n_.store(o.value(), std::memory_order_relaxed);
+    return *this;
+  }
+  relaxed_counter& operator++() noexcept {
+    n_.fetch_add(1, std::memory_order_relaxed);
+    return *this;
+  }
+  std::size_t value() const noexcept { return n_.load(std::memory_order_relaxed); }
+
+ private:
+  std::atomic<std::size_t> n_{0};
+};
+
+}  // namespace detail
 
 /// The routing block of N experts run by `Backend`: smear/layer.hpp defines it for the host
 /// backends (reference, cpu), smear/cuda/layer.hpp for the cuda backend.
@@ -59,6 +88,7 @@ class layer_core {
   }
   /// REINFORCE's baseline; throws state_error under another estimator.
   reinforce_baseline<T>& baseline() {
+    touch();
     return planner_as<reinforce_planner<T>>("layer::baseline: the estimator is not reinforce").baseline();
   }
   const reinforce_baseline<T>& baseline() const {
@@ -67,6 +97,7 @@ class layer_core {
 
   /// Cluster routing's centres, [N, d]; throws state_error under another strategy.
   matrix_ref<T> cluster_centres() {
+    touch();
     return planner_as<cluster_planner<T>>("layer::cluster_centres: the strategy is not cluster").centres();
   }
   matrix_ref<const T> cluster_centres() const {
@@ -102,7 +133,7 @@ class layer_core {
   /// Ends the validity of merged experts cached for inference.
   void invalidate_cache() noexcept { touch(); }
   /// How many times the inference cache has been (re)built.
-  std::size_t cache_builds() const noexcept { return cache_builds_; }
+  std::size_t cache_builds() const noexcept { return cache_builds_.value(); }
 
   /// Training steps completed: backward() calls after a forward in training mode. Schedules
   /// (the ST-Gumbel temperature) read it; checkpoints save and restore it.
@@ -149,7 +180,8 @@ class layer_core {
 
   /// Checks a forward's arguments before any work (shapes, lengths, what the strategy needs)
   /// and returns the planner's view of the batch. `y_size` is the output's length.
-  route_context<T> begin_forward(tokens<const T> x, std::size_t y_size, const route_inputs& in, const char* op) {
+  route_context<T> check_forward(tokens<const T> x, std::size_t y_size, const route_inputs& in,
+                                 const char* op) const {
     const auto shape = detail::shape(x.batch, x.length, x.dim);
     if (x.batch == 0 || x.length == 0)
       throw value_error(detail::message(op, ": empty batch, x is [B, L, d] = ", shape));
@@ -176,9 +208,14 @@ class layer_core {
                        .step = steps_};
     c.inv_temperature = static_cast<T>(1.0 / router_.options().temperature);
     planner_->check(c, op);
+    return c;
+  }
+  /// A checked forward starts: the previous one can no longer be gone back through. A forward
+  /// in training mode may update the planner's state (cluster centres), so cached merges end.
+  void begin_forward() noexcept {
     pending_backward_ = false;
     was_training_ = training_;
-    return c;
+    if (training_) touch();
   }
   /// Plans the batch once the router's outputs (when the planner reads them) are in `c`.
   void make_plan(const route_context<T>& c) { planner_->plan(c, gen_, plan_); }
@@ -189,7 +226,7 @@ class layer_core {
   }
 
   /// Checks a backward's arguments against the last forward, before any work.
-  void begin_backward(std::size_t dy_size, std::size_t dx_size, std::span<const T> losses, const char* op) {
+  void check_backward(std::size_t dy_size, std::size_t dx_size, std::span<const T> losses, const char* op) const {
     if (!pending_backward_)
       throw state_error(detail::message(op, ": no forward to go back through (backward runs once per forward)"));
     const tokens<const T> x = last_;
@@ -205,11 +242,18 @@ class layer_core {
                                         x.batch, " losses"));
     if (!losses.empty() && losses.size() != x.batch)
       throw shape_error(detail::message(op, ": example_losses has ", losses.size(), " values, expected B = ", x.batch));
+  }
+  /// A checked backward starts: it is the last forward's only one, and it changes parameters.
+  void begin_backward() noexcept {
+    pending_backward_ = false;
+    touch();
     if (was_training_) ++steps_;
   }
 
-  /// Parameters may have changed: cached merged experts are no longer valid.
-  void touch() noexcept { ++version_; }
+  /// Parameters may have changed: cached merged experts are no longer valid. Versions are
+  /// unique across all layers, so a version names one state of one layer's parameters (a
+  /// copy shares it until either changes).
+  void touch() noexcept { version_ = detail::next_parameter_version(); }
   /// Whether a cache built at `version` from `table` is still valid for plan_.
   bool cache_valid(std::uint64_t built_at, std::span<const T> table) const noexcept {
     return built_at == version_ && std::equal(table.begin(), table.end(), plan_.table.begin(), plan_.table.end());
@@ -225,8 +269,8 @@ class layer_core {
   routing_plan<T> plan_;
   tokens<const T> last_{};
   bool pending_backward_ = false;
-  std::uint64_t version_ = 1;
-  std::size_t cache_builds_ = 0;
+  std::uint64_t version_ = detail::next_parameter_version();
+  mutable detail::relaxed_counter cache_builds_;
   std::uint64_t steps_ = 0;  ///< training steps completed (see training_steps())
 
  private:

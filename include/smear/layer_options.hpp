@@ -18,7 +18,14 @@ struct layer_options {
   router_options router{};        ///< pooling, LayerNorm, temperature, detaching, expert dropout
   strategy_options routing{};     ///< the strategy (default: smear) and its options
   std::optional<bool> residual{}; ///< add the input to the output; default: the expert's `residual`
-  bool check_finite = false;      ///< checked mode: throw numeric_error naming a tensor with NaN/Inf
+  /// Checked mode: before any output or gradient is written, forward() checks what it reads
+  /// (the valid rows of x, every row when the router pools over all positions; the experts',
+  /// the router's and the planner's tensors) and backward() the valid rows of dy and the
+  /// losses, throwing numeric_error that names the tensor and the first non-finite value; such
+  /// a throw changes nothing (a pending backward stays pending). A non-finite value that the
+  /// computation itself produces from finite ones (an overflow) is reported after the work, as
+  /// y, dx or the gradient tensor holding it.
+  bool check_finite = false;
 };
 
 /// Which of the official code's setups a preset follows (their annealing schedules differ).

@@ -156,11 +156,12 @@ class device_layer : public layer_core<Expert, N> {
   /// work on a bad shape or a host pointer, numeric_error in checked mode.
   void forward(tokens<const T> x, std::span<T> y, route_inputs in = {}) {
     constexpr const char* op = "smear::layer<cuda>::forward";
-    auto c = this->begin_forward(x, y.size(), in, op);
+    auto c = this->check_forward(x, y.size(), in, op);
     if constexpr (requires { kernel_.check_input(x, op); }) kernel_.check_input(x, op);
     ctx_->check_pointer(x.data, op, "x");
     ctx_->check_pointer(y.data(), op, "y");
     if (this->opt_.check_finite) check_finite(x.data, x.size(), op, "x");
+    this->begin_forward();
     const std::size_t B = x.batch, L = x.length;
     const std::int32_t* lens = upload_lengths(x);
     const router_use use = this->planner_->router(c);
@@ -206,12 +207,11 @@ class device_layer : public layer_core<Expert, N> {
   /// `example_losses` ([B], host memory).
   void backward(std::span<const T> dy, std::span<T> dx, std::span<const T> example_losses = {}) {
     constexpr const char* op = "smear::layer<cuda>::backward";
-    this->begin_backward(dy.size(), dx.size(), example_losses, op);
+    this->check_backward(dy.size(), dx.size(), example_losses, op);
     ctx_->check_pointer(dy.data(), op, "dy");
     ctx_->check_pointer(dx.data(), op, "dx");
     if (this->opt_.check_finite) check_finite(dy.data(), dy.size(), op, "dy");
-    this->pending_backward_ = false;
-    this->touch();
+    this->begin_backward();
     const tokens<const T> x = this->last_;
     const std::size_t B = x.batch, L = x.length;
     const std::int32_t* lens = last_lengths_;

@@ -218,30 +218,28 @@ void add(safetensors_writer& out, const router<T>& r, std::string_view prefix = 
 }
 
 /// Adds the layer's tensors to `out`: the bank, the router when the strategy uses one, the
-/// latent skills and a learned REINFORCE baseline when present. (The layer is taken by
-/// non-const reference because the skills and baseline accessors are non-const; nothing in
-/// it changes.)
+/// latent skills and a learned REINFORCE baseline when present. Nothing in the layer changes
+/// (a cuda layer saves its host mirrors: download() first).
 template <class Expert, std::size_t N, class Backend>
-void add(safetensors_writer& out, layer<Expert, N, Backend>& l, std::string_view prefix = "",
+void add(safetensors_writer& out, const layer<Expert, N, Backend>& l, std::string_view prefix = "",
          std::optional<dtype> as = std::nullopt) {
   using T = typename Expert::value_type;
-  const auto& cl = l;
-  add(out, cl.bank(), prefix, as);
-  if (cl.uses_router()) add(out, cl.router(), prefix, as);
-  if (cl.strategy().strategy == strategy::latent_skills) {
+  add(out, l.bank(), prefix, as);
+  if (l.uses_router()) add(out, l.router(), prefix, as);
+  if (l.strategy().strategy == strategy::latent_skills) {
     const auto logits = l.skills().logits();
     out.add(std::string(prefix) + "skills.logits", std::span<const T>(logits.data, logits.rows * logits.cols),
             {logits.rows, logits.cols}, as);
   }
-  if (detail::has_learned_baseline(cl)) {
+  if (detail::has_learned_baseline(l)) {
     const auto v = l.baseline().values();
     out.add(std::string(prefix) + "baseline.parameters", std::span<const T>(v), {v.size()}, as);
   }
-  if (cl.strategy().strategy == strategy::cluster) {
-    const auto c = cl.cluster_centres();
+  if (l.strategy().strategy == strategy::cluster) {
+    const auto c = l.cluster_centres();
     out.add(std::string(prefix) + "clusters", std::span<const T>(c.data, c.rows * c.cols), {c.rows, c.cols}, as);
   }
-  out.metadata(detail::training_steps_key(prefix), std::to_string(cl.training_steps()));
+  out.metadata(detail::training_steps_key(prefix), std::to_string(l.training_steps()));
 }
 
 // ---- loading from an open file (several banks, routers or layers in one file) ----
@@ -298,7 +296,7 @@ void load(const safetensors_file& file, layer<Expert, N, Backend>& l, std::strin
 
 namespace detail {
 template <class Object>
-void save_one(const std::filesystem::path& path, Object& object, std::string_view prefix,
+void save_one(const std::filesystem::path& path, const Object& object, std::string_view prefix,
               const save_options& options) {
   safetensors_writer out;
   add_metadata(out, options);
@@ -315,7 +313,7 @@ void save_one(const std::filesystem::path& path, Object& object, std::string_vie
 ///
 /// Example: `smear::save("block.safetensors", block, "block.0.");`
 template <class Expert, std::size_t N, class Backend>
-void save(const std::filesystem::path& path, layer<Expert, N, Backend>& l, std::string_view prefix = "",
+void save(const std::filesystem::path& path, const layer<Expert, N, Backend>& l, std::string_view prefix = "",
           const save_options& options = {}) {
   detail::save_one(path, l, prefix, options);
 }

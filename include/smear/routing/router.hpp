@@ -93,12 +93,6 @@ class router {
       if (s.name == "weight_norm.weight") wn_offset_ = s.offset;
       if (s.name == "weight") w_offset_ = s.offset;
     }
-    if (opt_.normalize_weights) {
-      wnormed_.resize(k_ * d_);
-      wtilde_.resize(k_ * d_);
-      wrstd_.resize(k_);
-      dwtilde_.resize(k_ * d_);
-    }
     values_.assign(layout_size(layout_), T(0));
     grads_.assign(values_.size(), T(0));
     rng gen{seed};
@@ -130,44 +124,55 @@ class router {
                      s.name == "weight", on_device});
   }
 
-  /// Routing probabilities of the last forward, after dropout: [B, N].
-  matrix_ref<const T> probabilities() const noexcept { return {used_.data(), batch_, k_}; }
+  /// What one forward writes and its backward reads: pooled inputs, LayerNorm statistics,
+  /// logits, probabilities, the dropout mask and gradient scratch. The router itself holds
+  /// only its parameters, so one router serves any number of workspaces (a layer keeps one;
+  /// each thread sharing an evaluation layer has its own: smear::layer::workspace).
+  struct workspace {
+    std::size_t batch = 0;
+    std::vector<T> pooled, normed, features, rstd, logits, soft, used, keep, kept, dlogits, dfeatures;
+    /// normalize_weights: W's rows normalised, W̃ (what the logits use), their 1/σ, ∂ℓ/∂W̃
+    std::vector<T> wnormed, wtilde, wrstd, dwtilde;
+
+    /// Bytes held by the buffers.
+    std::size_t bytes() const noexcept {
+      std::size_t n = 0;
+      for (const auto* v : {&pooled, &normed, &features, &rstd, &logits, &soft, &used, &keep, &kept, &dlogits,
+                            &dfeatures, &wnormed, &wtilde, &wrstd, &dwtilde})
+        n += v->capacity();
+      return sizeof(T) * n;
+    }
+  };
+
+  /// Routing probabilities of the forward that wrote `w`, after dropout: [B, N].
+  matrix_ref<const T> probabilities(const workspace& w) const noexcept { return {w.used.data(), w.batch, k_}; }
   /// Softmax before dropout: [B, N].
-  matrix_ref<const T> softmax() const noexcept { return {soft_.data(), batch_, k_}; }
+  matrix_ref<const T> softmax(const workspace& w) const noexcept { return {w.soft.data(), w.batch, k_}; }
   /// Logits z (before the temperature): [B, N].
-  matrix_ref<const T> logits() const noexcept { return {logits_.data(), batch_, k_}; }
+  matrix_ref<const T> logits(const workspace& w) const noexcept { return {w.logits.data(), w.batch, k_}; }
 
-  /// Bytes held by the router's per-batch buffers.
-  std::size_t workspace_bytes() const noexcept {
-    return sizeof(T) * (pooled_.capacity() + normed_.capacity() + features_.capacity() +
-                        rstd_.capacity() + logits_.capacity() + soft_.capacity() +
-                        used_.capacity() + keep_.capacity() + kept_.capacity() + dlogits_.capacity() +
-                        dfeatures_.capacity() + wnormed_.capacity() + wtilde_.capacity() + wrstd_.capacity() +
-                        dwtilde_.capacity());
-  }
-
-  /// Routes a batch (shapes checked by the caller). With `training` and expert_dropout > 0,
-  /// drops experts using `gen`.
+  /// Routes a batch (shapes checked by the caller) into `w`. With `training` and
+  /// expert_dropout > 0, drops experts using `gen`.
   template <class Backend>
-  void forward(Backend be, tokens<const T> x, bool training, rng& gen) {
+  void forward(Backend be, tokens<const T> x, bool training, rng& gen, workspace& w) const {
     const std::size_t B = x.batch;
-    pool(be, x);
+    pool(be, x, w);
     const T eps = static_cast<T>(opt_.layer_norm_eps);
     if (opt_.layer_norm)
-      layer_norm_rows(B, pooled_.data(), values_.data(), values_.data() + d_, eps, normed_.data(), features_.data(),
-                      rstd_.data());
+      layer_norm_rows(B, w.pooled.data(), values_.data(), values_.data() + d_, eps, w.normed.data(),
+                      w.features.data(), w.rstd.data());
     if (opt_.normalize_weights)
       layer_norm_rows(k_, values_.data() + w_offset_, values_.data() + wn_offset_, values_.data() + wn_offset_ + d_,
-                      eps, wnormed_.data(), wtilde_.data(), wrstd_.data());
+                      eps, w.wnormed.data(), w.wtilde.data(), w.wrstd.data());
     // logits z = f·Wᵀ + c, softmax(z / τ)
     const std::size_t N = k_;
-    matrix_ref<T> z{logits_.data(), B, N};
-    backend::gemm<T>(be, false, true, T(1), features(), effective_weight(), T(0), z);
+    matrix_ref<T> z{w.logits.data(), B, N};
+    backend::gemm<T>(be, false, true, T(1), features(w), effective_weight(w), T(0), z);
     const T inv_t = static_cast<T>(1.0 / opt_.temperature);
     const bool drop = training && opt_.expert_dropout > 0.0;
     for (std::size_t b = 0; b < B; ++b) {
-      T* zb = logits_.data() + b * N;
-      T* pb = soft_.data() + b * N;
+      T* zb = w.logits.data() + b * N;
+      T* pb = w.soft.data() + b * N;
       T zmax = -std::numeric_limits<T>::infinity();
       for (std::size_t e = 0; e < N; ++e) {
         if (opt_.bias) zb[e] += bias()[e];
@@ -176,8 +181,8 @@ class router {
       T sum = 0;
       for (std::size_t e = 0; e < N; ++e) sum += (pb[e] = std::exp(zb[e] * inv_t - zmax));
       for (std::size_t e = 0; e < N; ++e) pb[e] /= sum;
-      T* kb = keep_.data() + b * N;
-      T* ub = used_.data() + b * N;
+      T* kb = w.keep.data() + b * N;
+      T* ub = w.used.data() + b * N;
       T kept = 0;
       for (std::size_t e = 0; e < N; ++e) {
         kb[e] = (!drop || gen.uniform() >= opt_.expert_dropout) ? T(1) : T(0);
@@ -187,102 +192,108 @@ class router {
         std::fill(kb, kb + N, T(1));
         kept = 1;
       }
-      kept_[b] = kept;
+      w.kept[b] = kept;
       for (std::size_t e = 0; e < N; ++e) ub[e] = kb[e] * pb[e] / kept;
     }
   }
 
   /// The router's first step alone: each example's pooled input (options().pool), [B, d].
   template <class Backend>
-  matrix_ref<const T> pool(Backend be, tokens<const T> x) {
-    reserve(x.batch);
+  matrix_ref<const T> pool(Backend be, tokens<const T> x, workspace& w) const {
+    reserve(x.batch, w);
     backend::parallel_for(be, x.batch, [&](std::size_t b, std::size_t) {
       const std::size_t rows = opt_.pool == pooling::mean ? x.length : x.valid(b);
-      std::span<T> h(pooled_.data() + b * d_, d_);
+      std::span<T> h(w.pooled.data() + b * d_, d_);
       backend::column_sums<T>(be, x.example(b).middle_rows(0, rows), h);
       const T inv = T(1) / static_cast<T>(rows);
       for (auto& v : h) v *= inv;
     });
-    return {pooled_.data(), x.batch, d_};
+    return {w.pooled.data(), x.batch, d_};
   }
 
   /// Given ∂ℓ/∂p ([B, K], for the probabilities of the last forward), accumulates the
   /// router's parameter gradients and, unless detached, adds ∂ℓ/∂x into `dx`.
   template <class Backend>
-  void backward(Backend be, matrix_ref<const T> dprobs, tokens<T> dx) {
-    const std::size_t B = batch_, N = k_;
+  void backward(Backend be, matrix_ref<const T> dprobs, tokens<T> dx, workspace& w) {
+    const std::size_t B = w.batch, N = k_;
     const T inv_t = static_cast<T>(1.0 / opt_.temperature);
     for (std::size_t b = 0; b < B; ++b) {
       const T* g = dprobs.data + b * dprobs.stride;
-      const T* pb = soft_.data() + b * N;
-      const T* ub = used_.data() + b * N;
-      const T* kb = keep_.data() + b * N;
+      const T* pb = w.soft.data() + b * N;
+      const T* ub = w.used.data() + b * N;
+      const T* kb = w.keep.data() + b * N;
       T gu = 0;  // ⟨g, p_used⟩
       for (std::size_t e = 0; e < N; ++e) gu += g[e] * ub[e];
       T gp = 0;  // ⟨∂ℓ/∂p_soft, p_soft⟩, with ∂ℓ/∂p_soft = keep / kept ⊙ (g − gu)
-      for (std::size_t e = 0; e < N; ++e) gp += kb[e] / kept_[b] * (g[e] - gu) * pb[e];
-      T* dz = dlogits_.data() + b * N;
-      for (std::size_t e = 0; e < N; ++e) dz[e] = pb[e] * (kb[e] / kept_[b] * (g[e] - gu) - gp) * inv_t;
+      for (std::size_t e = 0; e < N; ++e) gp += kb[e] / w.kept[b] * (g[e] - gu) * pb[e];
+      T* dz = w.dlogits.data() + b * N;
+      for (std::size_t e = 0; e < N; ++e) dz[e] = pb[e] * (kb[e] / w.kept[b] * (g[e] - gu) - gp) * inv_t;
     }
-    backward_logits(be, matrix_ref<const T>{dlogits_.data(), B, N}, dx);
+    backward_logits(be, matrix_ref<const T>{w.dlogits.data(), B, N}, dx, w);
   }
 
-  /// Given ∂ℓ/∂z ([B, K], for the logits of the last forward), accumulates the router's
-  /// parameter gradients and, unless detached, adds ∂ℓ/∂x into `dx`. `dz` may alias no buffer
-  /// of the router's except logit_gradients().
+  /// Given ∂ℓ/∂z ([B, K], for the logits of the forward that wrote `w`), accumulates the
+  /// router's parameter gradients and, unless detached, adds ∂ℓ/∂x into `dx`. `dz` may alias
+  /// no buffer of `w` except logit_gradients(w).
   template <class Backend>
-  void backward_logits(Backend be, matrix_ref<const T> dz, tokens<T> dx) {
-    const std::size_t B = batch_, N = k_;
+  void backward_logits(Backend be, matrix_ref<const T> dz, tokens<T> dx, workspace& w) {
+    const std::size_t B = w.batch, N = k_;
 
     // dW̃ = dZᵀ·F (W̃ = W, or its normalised rows), dc += Σ dZ, dF = dZ·W̃
     if (opt_.normalize_weights) {
-      matrix_ref<T> dwt{dwtilde_.data(), k_, d_};
-      backend::gemm<T>(be, true, false, T(1), dz, features(), T(0), dwt);
-      layer_norm_rows_backward(k_, dwtilde_.data(), values_.data() + wn_offset_, wnormed_.data(), wrstd_.data(),
+      matrix_ref<T> dwt{w.dwtilde.data(), k_, d_};
+      backend::gemm<T>(be, true, false, T(1), dz, features(w), T(0), dwt);
+      layer_norm_rows_backward(k_, w.dwtilde.data(), values_.data() + wn_offset_, w.wnormed.data(), w.wrstd.data(),
                                grads_.data() + wn_offset_, grads_.data() + wn_offset_ + d_);
-      backend::axpy<T>(be, T(1), std::span<const T>(dwtilde_), {grads_.data() + w_offset_, k_ * d_});
+      backend::axpy<T>(be, T(1), std::span<const T>(w.dwtilde), {grads_.data() + w_offset_, k_ * d_});
     } else {
-      backend::gemm<T>(be, true, false, T(1), dz, features(), T(1), weight_grad());
+      backend::gemm<T>(be, true, false, T(1), dz, features(w), T(1), weight_grad());
     }
     if (opt_.bias)
       for (std::size_t b = 0; b < B; ++b)
         for (std::size_t e = 0; e < N; ++e) bias_grad()[e] += dz(b, e);
-    matrix_ref<T> df{dfeatures_.data(), B, d_};
-    backend::gemm<T>(be, false, false, T(1), dz, effective_weight(), T(0), df);
+    matrix_ref<T> df{w.dfeatures.data(), B, d_};
+    backend::gemm<T>(be, false, false, T(1), dz, effective_weight(w), T(0), df);
     if (opt_.layer_norm)
-      layer_norm_rows_backward(B, dfeatures_.data(), values_.data(), normed_.data(), rstd_.data(), grads_.data(),
+      layer_norm_rows_backward(B, w.dfeatures.data(), values_.data(), w.normed.data(), w.rstd.data(), grads_.data(),
                                grads_.data() + d_);
     if (opt_.detach_input) return;
     // spread ∂ℓ/∂h over the pooled tokens
     backend::parallel_for(be, B, [&](std::size_t b, std::size_t) {
       const std::size_t rows = opt_.pool == pooling::mean ? dx.length : dx.valid(b);
-      std::span<T> dh(dfeatures_.data() + b * d_, d_);
+      std::span<T> dh(w.dfeatures.data() + b * d_, d_);
       const T inv = T(1) / static_cast<T>(rows);
       for (auto& v : dh) v *= inv;
       backend::add_to_rows<T>(be, dx.example(b).middle_rows(0, rows), std::span<const T>(dh));
     });
   }
 
-  /// A [B, K] scratch matrix for strategies that compute ∂ℓ/∂z themselves.
-  matrix_ref<T> logit_gradients() noexcept { return {dlogits_.data(), batch_, k_}; }
+  /// A [B, K] scratch matrix of `w` for strategies that compute ∂ℓ/∂z themselves.
+  matrix_ref<T> logit_gradients(workspace& w) const noexcept { return {w.dlogits.data(), w.batch, k_}; }
 
  private:
-  void reserve(std::size_t B) {
+  void reserve(std::size_t B, workspace& w) const {
     const std::size_t N = k_;
-    batch_ = B;
-    pooled_.resize(B * d_);
+    w.batch = B;
+    w.pooled.resize(B * d_);
     if (opt_.layer_norm) {
-      normed_.resize(B * d_);
-      features_.resize(B * d_);
-      rstd_.resize(B);
+      w.normed.resize(B * d_);
+      w.features.resize(B * d_);
+      w.rstd.resize(B);
     }
-    logits_.resize(B * N);
-    soft_.resize(B * N);
-    used_.resize(B * N);
-    keep_.resize(B * N);
-    kept_.resize(B);
-    dlogits_.resize(B * N);
-    dfeatures_.resize(B * d_);
+    if (opt_.normalize_weights) {
+      w.wnormed.resize(k_ * d_);
+      w.wtilde.resize(k_ * d_);
+      w.wrstd.resize(k_);
+      w.dwtilde.resize(k_ * d_);
+    }
+    w.logits.resize(B * N);
+    w.soft.resize(B * N);
+    w.used.resize(B * N);
+    w.keep.resize(B * N);
+    w.kept.resize(B);
+    w.dlogits.resize(B * N);
+    w.dfeatures.resize(B * d_);
   }
   /// LayerNorm of each of `rows` rows of `in` [rows, d]: normed = (in − mean)·rstd,
   /// out = normed ⊙ gain + shift (the pooled inputs, and with normalize_weights the weight rows).
@@ -335,13 +346,13 @@ class router {
   std::size_t weight_offset() const noexcept { return w_offset_; }
   std::size_t bias_offset() const noexcept { return w_offset_ + k_ * d_; }
   /// The weight the logits use, [K, d]: W, or with normalize_weights its normalised rows
-  /// W̃_e = LayerNorm(W_e) of the last forward.
-  matrix_ref<const T> effective_weight() const {
-    return opt_.normalize_weights ? matrix_ref<const T>{wtilde_.data(), k_, d_} : weight();
+  /// W̃_e = LayerNorm(W_e) of the forward that wrote `w`.
+  matrix_ref<const T> effective_weight(const workspace& w) const {
+    return opt_.normalize_weights ? matrix_ref<const T>{w.wtilde.data(), k_, d_} : weight();
   }
   /// What the linear map reads: the pooled input after the LayerNorm, [B, d].
-  matrix_ref<const T> features() const {
-    return {opt_.layer_norm ? features_.data() : pooled_.data(), batch_, d_};
+  matrix_ref<const T> features(const workspace& w) const {
+    return {opt_.layer_norm ? w.features.data() : w.pooled.data(), w.batch, d_};
   }
 
  private:
@@ -350,12 +361,7 @@ class router {
   router_options opt_;
   parameter_layout layout_;
   std::vector<T> values_, grads_;
-  std::size_t batch_ = 0;
-  std::vector<T> pooled_, normed_, features_, rstd_, logits_, soft_, used_, keep_, kept_,
-      dlogits_, dfeatures_;
   std::size_t wn_offset_ = 0, w_offset_ = 0;
-  /// normalize_weights: W's rows normalised, W̃ (what the logits use), their 1/σ, ∂ℓ/∂W̃
-  std::vector<T> wnormed_, wtilde_, wrstd_, dwtilde_;
 };
 
 }  // namespace smear
