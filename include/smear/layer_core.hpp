@@ -12,10 +12,12 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <utility>
 
 #include "smear/bank.hpp"
 #include "smear/concepts.hpp"
+#include "smear/description.hpp"
 #include "smear/error.hpp"
 #include "smear/layer_options.hpp"
 #include "smear/random.hpp"
@@ -140,6 +142,48 @@ class layer_core {
   std::uint64_t training_steps() const noexcept { return steps_; }
   /// Sets the count, to resume a run (smear::load does it from a checkpoint).
   void set_training_steps(std::uint64_t steps) noexcept { steps_ = steps; }
+
+  /// What the layer computes, as checkpoints record it: the expert's description (its
+  /// describe(), else its parameter layout), N, the residual, the strategy's options that
+  /// change what it computes or what its tensors mean, and the router's when it has one.
+  /// Options that only shape training (dropout, momenta, loss weights, initialisation) are
+  /// left out, so a run may change them on resume.
+  description describe() const {
+    description d;
+    const Expert& ex = bank_.expert();
+    if constexpr (requires(description& out) { ex.describe(out); }) {
+      ex.describe(d);
+    } else {
+      std::string layout;
+      for (const auto& slot : bank_.layout()) {
+        layout += (layout.empty() ? "" : ",") + slot.name;
+        for (std::size_t i = 0; i < slot.shape.size(); ++i)
+          layout += (i == 0 ? "[" : "x") + std::to_string(slot.shape[i]);
+        layout += slot.shape.empty() ? "[]" : "]";
+      }
+      d.add("expert.input_dim", ex.input_dim()).add("expert.output_dim", ex.output_dim()).add("expert.layout", layout);
+    }
+    d.add("experts", N).add("residual", residual_);
+    const strategy_options& s = opt_.routing;
+    d.add("strategy", to_string(s.strategy));
+    if (s.strategy == strategy::top_k) {
+      d.add("top_k.k", s.k).add("top_k.estimator", to_string(s.estimator));
+      if (s.estimator == estimator::switch_gate) d.add("top_k.switch_renormalize", s.switch_renormalize);
+      if (s.estimator == estimator::dselect) d.add("top_k.dselect_gamma", s.dselect_gamma);
+      if (s.estimator == estimator::reinforce && s.baseline == baseline::learned)
+        d.add("top_k.baseline_hidden", s.baseline_hidden);
+    }
+    if (s.strategy == strategy::latent_skills) d.add("latent_skills.tasks", s.tasks);
+    if (s.strategy == strategy::hash) d.add("hash.seed", s.hash_seed);
+    if (uses_router()) {
+      const router_options& r = router_.options();
+      d.add("router.pool", r.pool == pooling::mean ? "mean" : "masked_mean").add("router.layer_norm", r.layer_norm);
+      if (r.layer_norm) d.add("router.layer_norm_eps", r.layer_norm_eps);
+      d.add("router.temperature", r.temperature).add("router.normalize_weights", r.normalize_weights);
+      d.add("router.bias", r.bias);
+    }
+    return d;
+  }
 
   /// The regularisers backward() differentiates along with the caller's loss, as a batch
   /// mean: DSelect-k's selection entropy and unused-code penalty, REINFORCE's −bonus·H(p).

@@ -242,8 +242,9 @@ TEST_CASE("a failed load names the file and the tensor and changes nothing") {
   layer<E, 2> two{E{4, 2}, {}, 1};
   const auto two_path = scratch("two.safetensors");
   save(two_path, two);
-  CHECK_THROWS_WITH_AS(load(two_path, block), doctest::Contains("has shape [2, 4, 2], the expert bank needs [3, 4, 2]"),
-                       io_error);
+  CHECK_THROWS_WITH_AS(load(two_path, block), doctest::Contains("experts is 2 in the file, 3 in the layer"), io_error);
+  CHECK_THROWS_WITH_AS(load(two_path, block, "", {}, {.parameters_only = true}),
+                       doctest::Contains("has shape [2, 4, 2], the expert bank needs [3, 4, 2]"), io_error);
   CHECK(same_bits(bank_values(block), before_bank));
   CHECK(same_bits(router_values(block), before_router));
 
@@ -304,7 +305,10 @@ TEST_CASE("checkpoints follow the routing strategy: no router without one, skill
     randomise(plain, 4);
     const auto plain_path = scratch("plain.safetensors");
     save(plain_path, plain, "m.");
-    CHECK_THROWS_WITH_AS(load(plain_path, b, "m."), doctest::Contains("has no tensor 'm.skills.logits'"), io_error);
+    CHECK_THROWS_WITH_AS(load(plain_path, b, "m."),
+                         doctest::Contains("strategy is smear in the file, latent_skills in the layer"), io_error);
+    CHECK_THROWS_WITH_AS(load(plain_path, b, "m.", {}, {.parameters_only = true}),
+                         doctest::Contains("has no tensor 'm.skills.logits'"), io_error);
     CHECK(same_bits(bank_values(b), before));
   }
 
@@ -414,4 +418,72 @@ TEST_CASE("saving to a narrower dtype refuses values it cannot hold, or saturate
   v(1, 3) = 0.5f;
   save(path, block, "", {.dtype = dtype::f16, .narrowing = narrowing::saturate});
   CHECK_FALSE(safetensors_file::open(path).metadata().contains("smear.saturated"));
+}
+
+TEST_CASE("checkpoints record the architecture and refuse a layer that differs, naming the difference") {
+  using E = adapter<double>;
+  const auto path = scratch("architecture.safetensors");
+  layer<E, 3> saved{E{4, 2, {.act = activation::silu}}, {}, 1};
+  save(path, saved, "blk.");
+  const auto file = safetensors_file::open(path);
+  CHECK(file.metadata().at("blk.smear.architecture").find("expert=adapter; expert.dim=4; expert.bottleneck=2; "
+                                                          "expert.activation=silu") == 0);
+
+  auto refused = [&](auto& other, const char* difference) {
+    const auto before = bank_values(other);
+    CHECK_THROWS_WITH_AS(load(path, other, "blk."), doctest::Contains(difference), io_error);
+    CHECK(same_bits(bank_values(other), before));
+  };
+  SUBCASE("another activation") {
+    layer<E, 3> relu{E{4, 2, {.act = activation::relu}}, {}, 2};
+    refused(relu, "expert.activation is silu in the file, relu in the layer");
+    load(path, relu, "blk.", {}, {.parameters_only = true});  // asked for: the tensors load
+    CHECK(same_bits(bank_values(relu), bank_values(saved)));
+  }
+  SUBCASE("an up-projection bias the layer lacks") {
+    const auto biased_path = scratch("architecture_bias.safetensors");
+    layer<E, 3> biased{E{4, 2, {.up_bias = true}}, {}, 3};
+    save(biased_path, biased);
+    layer<E, 3> plain{E{4, 2}, {}, 4};
+    const auto before = bank_values(plain);
+    CHECK_THROWS_WITH_AS(load(biased_path, plain), doctest::Contains("expert.up_bias is true in the file, false"),
+                         io_error);
+    CHECK(same_bits(bank_values(plain), before));
+  }
+  SUBCASE("another router temperature") {
+    layer<E, 3> hot{E{4, 2}, {.router = {.temperature = 0.1}}, 5};
+    refused(hot, "router.temperature is 1 in the file, 0.10000000000000001 in the layer");
+  }
+  SUBCASE("another strategy option") {
+    layer<E, 3> topk{E{4, 2}, {.routing = {.strategy = strategy::top_k, .k = 2}}, 6};
+    refused(topk, "strategy is smear in the file, top_k in the layer");
+  }
+  SUBCASE("an expert without describe(): its layout is recorded") {
+    using A = archetypes::mergeable_expert<double>;
+    const auto a_path = scratch("architecture_archetype.safetensors");
+    layer<A, 2> a{A{3}, {}, 7};
+    save(a_path, a);
+    CHECK(safetensors_file::open(a_path).metadata().at("smear.architecture").find("expert.layout=") !=
+          std::string::npos);
+    layer<A, 2> b{A{3}, {}, 8};
+    load(a_path, b);
+  }
+  SUBCASE("training-only options may change on resume") {
+    layer<E, 3> resumed{E{4, 2}, {.router = {.expert_dropout = 0.1}}, 9};
+    load(path, resumed, "blk.");
+    CHECK(same_bits(bank_values(resumed), bank_values(saved)));
+  }
+  SUBCASE("a file without a recorded architecture loads; an unreadable one is refused") {
+    safetensors_writer out;
+    add(out, saved.bank(), "blk.");
+    add(out, saved.router(), "blk.");
+    const auto bare = scratch("architecture_none.safetensors");
+    out.save(bare);
+    layer<E, 3> other{E{4, 2}, {}, 10};
+    load(bare, other, "blk.");
+    CHECK(same_bits(bank_values(other), bank_values(saved)));
+    out.metadata("blk.smear.architecture", "no pairs here");
+    out.save(bare);
+    CHECK_THROWS_WITH_AS(load(bare, other, "blk."), doctest::Contains("is not a list of key=value pairs"), io_error);
+  }
 }

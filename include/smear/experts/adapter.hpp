@@ -6,6 +6,7 @@
 #include <span>
 
 #include "smear/activation.hpp"
+#include "smear/description.hpp"
 #include "smear/backend/kernels.hpp"
 #include "smear/error.hpp"
 #include "smear/layout.hpp"
@@ -51,6 +52,12 @@ class adapter {
   std::size_t parameter_count() const noexcept { return 2 * d_ * m_ + m_ + (opt_.up_bias ? d_ : 0); }
   std::size_t saved_size(std::size_t rows) const noexcept { return 2 * rows * m_; }
   std::size_t scratch_size(std::size_t rows) const noexcept { return rows * m_; }
+
+  /// What it computes, for checkpoints (smear/description.hpp).
+  void describe(description& out) const {
+    out.add("expert", "adapter").add("expert.dim", d_).add("expert.bottleneck", m_);
+    out.add("expert.activation", to_string(opt_.act)).add("expert.up_bias", opt_.up_bias);
+  }
 
   parameter_layout layout() const {
     layout_builder b;

@@ -8,6 +8,7 @@
 #include <span>
 
 #include "smear/activation.hpp"
+#include "smear/description.hpp"
 #include "smear/backend/kernels.hpp"
 #include "smear/error.hpp"
 #include "smear/experts/nchw.hpp"
@@ -67,6 +68,13 @@ class conv_adapter {
   }
   std::size_t saved_size(std::size_t rows) const noexcept { return rows * (taps() * d_ + 2 * m_); }
   std::size_t scratch_size(std::size_t rows) const noexcept { return rows * (taps() * d_ + m_); }
+
+  /// What it computes, for checkpoints (smear/description.hpp).
+  void describe(description& out) const {
+    out.add("expert", "conv_adapter").add("expert.height", h_).add("expert.width", w_).add("expert.dim", d_);
+    out.add("expert.bottleneck", m_).add("expert.kernel", opt_.kernel);
+    out.add("expert.activation", to_string(opt_.act)).add("expert.up_bias", opt_.up_bias);
+  }
 
   parameter_layout layout() const {
     const std::size_t k = opt_.kernel;

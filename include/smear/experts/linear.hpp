@@ -6,6 +6,7 @@
 #include <span>
 
 #include "smear/backend/kernels.hpp"
+#include "smear/description.hpp"
 #include "smear/error.hpp"
 #include "smear/layout.hpp"
 #include "smear/tensor.hpp"
@@ -39,6 +40,11 @@ class linear {
   std::size_t parameter_count() const noexcept { return in_ * out_ + (opt_.bias ? out_ : 0); }
   std::size_t saved_size(std::size_t) const noexcept { return 0; }
   std::size_t scratch_size(std::size_t) const noexcept { return 0; }
+
+  /// What it computes, for checkpoints (smear/description.hpp).
+  void describe(description& out) const {
+    out.add("expert", "linear").add("expert.in", in_).add("expert.out", out_).add("expert.bias", opt_.bias);
+  }
 
   parameter_layout layout() const {
     layout_builder b;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "smear/backend/kernels.hpp"
+#include "smear/description.hpp"
 #include "smear/error.hpp"
 #include "smear/layout.hpp"
 #include "smear/tensor.hpp"
@@ -60,6 +61,14 @@ class lora {
   std::size_t parameter_count() const noexcept { return r_ * (in_ + out_); }
   std::size_t saved_size(std::size_t rows) const noexcept { return rows * r_; }
   std::size_t scratch_size(std::size_t rows) const noexcept { return rows * r_; }
+
+  /// What it computes, for checkpoints (smear/description.hpp); the frozen map is not saved,
+  /// only whether there is one.
+  void describe(description& out) const {
+    out.add("expert", "lora").add("expert.in", in_).add("expert.out", out_).add("expert.rank", r_);
+    out.add("expert.alpha", opt_.alpha).add("expert.frozen_weight", w0_ != nullptr);
+    out.add("expert.frozen_bias", b0_ != nullptr);
+  }
 
   parameter_layout layout() const {
     return layout_builder{}

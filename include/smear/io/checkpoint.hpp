@@ -51,6 +51,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "smear/bank.hpp"
@@ -65,6 +66,13 @@ namespace smear {
 
 /// Turns one of smear's tensor names (prefix included) into the name used in a file.
 using name_map = std::function<std::string(std::string_view)>;
+
+/// How load() reads a layer's checkpoint.
+struct load_options {
+  /// Load the tensors even when the file's recorded architecture (its `<prefix>smear.architecture`
+  /// metadata: expert type and options, N, strategy, router) differs from the layer's.
+  bool parameters_only = false;
+};
 
 /// How save() writes a checkpoint.
 struct save_options {
@@ -166,6 +174,28 @@ inline std::string training_steps_key(std::string_view prefix) { return std::str
 
 /// The training-step count recorded for `prefix` in `file`, if any; io_error when the entry
 /// is not a decimal count.
+inline std::string architecture_key(std::string_view prefix) {
+  return std::string(prefix) + "smear.architecture";
+}
+
+/// Throws io_error naming every difference between the architecture `file` records for
+/// `prefix` and `layer`'s; a file that records none (written elsewhere, or before smear
+/// recorded it) passes.
+template <class Layer>
+void check_architecture(const safetensors_file& file, const Layer& layer, std::string_view prefix) {
+  const auto it = file.metadata().find(architecture_key(prefix));
+  if (it == file.metadata().end()) return;
+  const auto recorded = description::parse(it->second);
+  if (!recorded)
+    throw io_error(message("smear::load: '", file.name(), "': metadata '", it->first,
+                           "' is not a list of key=value pairs: '", it->second, "'"));
+  const std::string diff = description::differences(*recorded, layer.describe(), "the file", "the layer");
+  if (!diff.empty())
+    throw io_error(message("smear::load: '", file.name(), "' holds a different architecture",
+                           prefix.empty() ? "" : " for prefix '", prefix, prefix.empty() ? "" : "'", ": ", diff,
+                           " (load_options::parameters_only loads its tensors anyway)"));
+}
+
 inline std::optional<std::uint64_t> read_training_steps(const safetensors_file& file, std::string_view prefix) {
   const auto key = training_steps_key(prefix);
   const auto it = file.metadata().find(key);
@@ -240,6 +270,7 @@ void add(safetensors_writer& out, const layer<Expert, N, Backend>& l, std::strin
     out.add(std::string(prefix) + "clusters", std::span<const T>(c.data, c.rows * c.cols), {c.rows, c.cols}, as);
   }
   out.metadata(detail::training_steps_key(prefix), std::to_string(l.training_steps()));
+  out.metadata(detail::architecture_key(prefix), l.describe().str());
 }
 
 // ---- loading from an open file (several banks, routers or layers in one file) ----
@@ -258,11 +289,14 @@ void load(const safetensors_file& file, router<T>& r, std::string_view prefix = 
 }
 
 /// Loads the layer's tensors (those add() writes for its strategy) from `file`; all or nothing.
-/// A layer in checked mode (check_finite) refuses non-finite values, naming the tensor.
+/// Refuses a file whose recorded architecture differs from the layer's (io_error naming each
+/// difference) unless options.parameters_only. A layer in checked mode (check_finite) refuses
+/// non-finite values, naming the tensor.
 template <class Expert, std::size_t N, class Backend>
 void load(const safetensors_file& file, layer<Expert, N, Backend>& l, std::string_view prefix = "",
-          const name_map& map = {}) {
+          const name_map& map = {}, const load_options& options = {}) {
   using T = typename Expert::value_type;
+  if (!options.parameters_only) detail::check_architecture(file, std::as_const(l), prefix);
   const bool finite = l.options().check_finite;
   std::vector<detail::staged_values<T>> staged;
   staged.push_back(detail::stage(file, l.bank(), prefix, map, finite));
@@ -345,8 +379,8 @@ void save(const std::filesystem::path& path, const router<T>& r, std::string_vie
 /// ```
 template <class Expert, std::size_t N, class Backend>
 void load(const std::filesystem::path& path, layer<Expert, N, Backend>& l, std::string_view prefix = "",
-          const name_map& map = {}) {
-  load(safetensors_file::open(path), l, prefix, map);
+          const name_map& map = {}, const load_options& options = {}) {
+  load(safetensors_file::open(path), l, prefix, map, options);
 }
 
 /// Loads the bank from the safetensors file `path`; all or nothing.
