@@ -336,6 +336,14 @@ TEST_CASE("sizes that wrap around std::size_t are refused, naming the dimensions
   CHECK_THROWS_AS((layer<E, 2>{E{4, 2}, {.router = {.temperature = 1e-39}}, 0}), value_error);  // 1/τ overflows float
   layer<adapter<double>, 2> fine{adapter<double>{4, 2}, {.router = {.temperature = 1e-39}}, 0};  // not double
   CHECK(fine.input_dim() == 4);
+  // experts whose parameter count wraps: d·m = 2^64
+  const std::size_t big = std::size_t{1} << 32;
+  CHECK_THROWS_WITH_AS((E{big, big}), doctest::Contains("adapter: [dim, bottleneck] = [4294967296, 4294967296]"),
+                       shape_error);
+  CHECK_THROWS_AS((linear<float>{big, big}), shape_error);
+  CHECK_THROWS_AS((lora<float>{big, 8, big}), shape_error);
+  CHECK_THROWS_AS((conv_adapter<float>{big, big, 4, 2}), shape_error);
+  CHECK_THROWS_AS((conv_adapter<float>{4, 4, big, big}), shape_error);
 }
 
 TEST_CASE("mask_to_lengths refuses a count an int32 length cannot hold" * doctest::skip(sizeof(void*) < 8)) {

@@ -35,7 +35,7 @@ class expert_bank {
       : proto_(std::move(prototype)),
         layout_(proto_.layout()),
         p_(proto_.parameter_count()),
-        values_(N * p_),
+        values_(detail::checked_elements("expert_bank", "the bank [N, P] =", sizeof(value_type), N, p_)),
         grads_(N * p_) {
     std::size_t next = 0;
     for (const auto& s : layout_) {

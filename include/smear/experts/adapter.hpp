@@ -43,6 +43,8 @@ class adapter {
     if (d_ == 0 || m_ == 0)
       throw value_error(detail::message("adapter: dim and bottleneck must be positive, got dim = ",
                                         d_, ", bottleneck = ", m_));
+    // P = 2·d·m + m (+ d) ≤ 4·d·m values must be addressable
+    detail::checked_elements("adapter", "[dim, bottleneck] =", 4 * sizeof(T), d_, m_);
   }
 
   std::size_t input_dim() const noexcept { return d_; }

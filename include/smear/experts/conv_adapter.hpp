@@ -54,6 +54,10 @@ class conv_adapter {
           detail::shape(h_, w_, d_), " and bottleneck = ", m_));
     if (opt_.kernel % 2 == 0)
       throw value_error(detail::message("conv_adapter: kernel must be odd, got ", opt_.kernel));
+    // P = k²·d·m + m + m·d (+ d) ≤ (k² + 3)·d·m values, and H·W positions, must be addressable
+    detail::checked_elements("conv_adapter", "[kernel, kernel, dim, bottleneck] =", 4 * sizeof(T), opt_.kernel,
+                             opt_.kernel, d_, m_);
+    detail::checked_elements("conv_adapter", "[height, width, dim] =", sizeof(T), h_, w_, d_);
   }
 
   std::size_t height() const noexcept { return h_; }

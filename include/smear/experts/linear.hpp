@@ -32,6 +32,7 @@ class linear {
     if (in_ == 0 || out_ == 0)
       throw value_error(detail::message("linear: dimensions must be positive, got in = ", in_,
                                         ", out = ", out_));
+    detail::checked_elements("linear", "[in, out] =", 2 * sizeof(T), in_, out_);  // P ≤ 2·in·out
   }
 
   std::size_t input_dim() const noexcept { return in_; }

@@ -2,6 +2,7 @@
 /// \file experts/lora.hpp
 /// LoRA: a low-rank update over a frozen linear map, f(x) = x·W₀ + b₀ + s·(x·A)·B.
 
+#include <algorithm>
 #include <cstddef>
 #include <memory>
 #include <span>
@@ -41,6 +42,8 @@ class lora {
     if (in_ == 0 || out_ == 0 || r_ == 0)
       throw value_error(detail::message("lora: dimensions must be positive, got in = ", in_,
                                         ", out = ", out_, ", rank = ", r_));
+    // P = r·(in + out) ≤ 2·r·max(in, out) values must be addressable
+    detail::checked_elements("lora", "[rank, max(in, out)] =", 2 * sizeof(T), r_, std::max(in_, out_));
     if (!frozen_weight.empty() && frozen_weight.size() != in_ * out_)
       throw shape_error(detail::message("lora: frozen weight has ", frozen_weight.size(),
                                         " values, expected [in, out] = ", detail::shape(in_, out_)));
