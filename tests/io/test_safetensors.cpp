@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -19,6 +20,9 @@
 #include <vector>
 
 #include "smear/random.hpp"
+
+#include <sys/stat.h>
+#include <unistd.h>
 
 using namespace smear;
 namespace fs = std::filesystem;
@@ -51,12 +55,38 @@ fs::path scratch(const std::string& name) {
   return dir / name;
 }
 
+/// How many save temporaries (.smear-<pid>-<hex>.tmp) lie in `dir`.
 std::size_t leftovers(const fs::path& dir) {
   std::size_t n = 0;
-  for (const auto& e : fs::directory_iterator(dir))
-    if (e.path().filename().string().find(".tmp-") != std::string::npos) ++n;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    const auto name = e.path().filename().string();
+    if (name.starts_with(".smear-") && name.ends_with(".tmp")) ++n;
+  }
   return n;
 }
+
+/// A fresh empty directory under the scratch directory.
+fs::path fresh_dir(const std::string& name) {
+  const auto dir = scratch(name);
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+void write_text(const fs::path& path, const std::string& text) {
+  std::ofstream o(path, std::ios::binary);
+  o << text;
+}
+
+std::vector<double> saved_values(const fs::path& path) { return safetensors_file::open(path).read<double>("v"); }
+
+void save_values(const fs::path& path, const std::vector<double>& v) {
+  safetensors_writer out;
+  out.add("v", std::span<const double>(v), {v.size()});
+  out.save(path);
+}
+
+fs::perms permissions(const fs::path& path) { return fs::status(path).permissions() & fs::perms::mask; }
 
 }  // namespace
 
@@ -522,4 +552,100 @@ TEST_CASE("saving is atomic: a failed save leaves the old file and no temporary"
     o << "\x10\0\0\0\0\0\0\0{";
   }
   CHECK_THROWS_WITH_AS(safetensors_file::open(bad), doctest::Contains("corrupt.safetensors"), io_error);
+}
+
+TEST_CASE("saving: file names up to NAME_MAX, temporaries of killed saves cleaned up") {
+  const auto dir = fresh_dir("names");
+  // the temporary's name is short, so the longest valid file name saves
+  const std::string longest = std::string(255 - 12, 'n') + ".safetensors";
+  save_values(dir / longest, {1, 2});
+  CHECK(saved_values(dir / longest) == std::vector<double>{1, 2});
+  save_values(dir / longest, {3});  // and is overwritten
+  CHECK(saved_values(dir / longest) == std::vector<double>{3});
+  CHECK_THROWS_WITH_AS(save_values(dir / ("n" + longest), {1}), doctest::Contains("(the file was left as it was)"),
+                       io_error);  // 256 characters: too long for the file system, nothing left behind
+  CHECK(leftovers(dir) == 0);
+
+  // temporaries as a killed save leaves them: pid 2147483647 cannot exist (pids stay below
+  // 2^22 on Linux), so kill() answers ESRCH
+  const auto clean = fresh_dir("orphans");
+  const auto old_enough = fs::file_time_type::clock::now() - std::chrono::hours(2);
+  auto orphan = [&](const std::string& name, bool old) {
+    write_text(clean / name, "partial");
+    if (old) fs::last_write_time(clean / name, old_enough);
+    return clean / name;
+  };
+  const auto dead = orphan(".smear-2147483647-00000000deadbeef.tmp", true);
+  const auto dead_recent = orphan(".smear-2147483647-0000000000000001.tmp", false);  // within the hour: kept
+  const auto mine = orphan(".smear-" + std::to_string(::getpid()) + "-00000000000000aa.tmp", true);  // alive
+  const auto init = orphan(".smear-1-00000000000000bb.tmp", true);                // pid 1 is alive
+  const auto not_ours = orphan(".smear-2147483647-0000000dead.tmp", true);       // not 16 hex digits
+  const auto upper = orphan(".smear-2147483647-00000000DEADBEEF.tmp", true);     // not our spelling
+  const auto user_file = orphan("2147483647.tmp", true);
+  save_values(clean / "model.safetensors", {1});
+  CHECK_FALSE(fs::exists(dead));
+  for (const auto& kept : {dead_recent, mine, init, not_ours, upper, user_file}) {
+    CAPTURE(kept.filename().string());
+    CHECK(fs::exists(kept));
+  }
+  CHECK(saved_values(clean / "model.safetensors") == std::vector<double>{1});
+  // a failed save removes nothing but its own temporary
+  const auto dead_again = orphan(".smear-2147483647-00000000deadbee2.tmp", true);
+  fs::create_directories(clean / "blocked.safetensors" / "inside");
+  CHECK_THROWS_AS(save_values(clean / "blocked.safetensors", {1}), io_error);
+  CHECK(fs::exists(dead_again));
+}
+
+TEST_CASE("saving through a symbolic link replaces its target; overwriting keeps the permissions") {
+  const auto dir = fresh_dir("links");
+  const auto other = fresh_dir("links-target");
+  // a relative link in the same directory
+  save_values(dir / "real.safetensors", {1});
+  fs::create_symlink("real.safetensors", dir / "link.safetensors");
+  save_values(dir / "link.safetensors", {2, 3});
+  CHECK(fs::is_symlink(dir / "link.safetensors"));
+  CHECK(fs::read_symlink(dir / "link.safetensors") == "real.safetensors");
+  CHECK(saved_values(dir / "link.safetensors") == std::vector<double>{2, 3});
+  CHECK(saved_values(dir / "real.safetensors") == std::vector<double>{2, 3});
+  // a chain of links, the last one absolute and into another directory: the temporary is made there
+  save_values(other / "weights.safetensors", {4});
+  fs::create_symlink(other / "weights.safetensors", dir / "absolute.safetensors");
+  fs::create_symlink("absolute.safetensors", dir / "chain.safetensors");
+  save_values(dir / "chain.safetensors", {5});
+  CHECK(fs::is_symlink(dir / "chain.safetensors"));
+  CHECK(fs::is_symlink(dir / "absolute.safetensors"));
+  CHECK(saved_values(other / "weights.safetensors") == std::vector<double>{5});
+  // a dangling link gets its target
+  fs::create_symlink("later.safetensors", dir / "dangling.safetensors");
+  save_values(dir / "dangling.safetensors", {6});
+  CHECK(fs::is_symlink(dir / "dangling.safetensors"));
+  CHECK(saved_values(dir / "later.safetensors") == std::vector<double>{6});
+  // a loop of links is an io_error, not a hang
+  fs::create_symlink("loop-b", dir / "loop-a");
+  fs::create_symlink("loop-a", dir / "loop-b");
+  CHECK_THROWS_WITH_AS(save_values(dir / "loop-a", {1}), doctest::Contains("more than 40 symbolic links"), io_error);
+  CHECK(leftovers(dir) == 0);
+  CHECK(leftovers(other) == 0);
+
+  // permissions: an overwritten file keeps its bits, directly and through a link
+  fs::permissions(dir / "real.safetensors", fs::perms::owner_read | fs::perms::owner_write);
+  save_values(dir / "real.safetensors", {7});
+  CHECK(permissions(dir / "real.safetensors") == (fs::perms::owner_read | fs::perms::owner_write));
+  fs::permissions(dir / "real.safetensors", fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read);
+  save_values(dir / "link.safetensors", {8});
+  CHECK(permissions(dir / "real.safetensors") ==
+        (fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read));
+  CHECK(saved_values(dir / "real.safetensors") == std::vector<double>{8});
+  // even bits the umask would clear, and a read-only file (the save replaces it, as rename does)
+  const auto mask = ::umask(022);
+  fs::permissions(dir / "real.safetensors", fs::perms::owner_read | fs::perms::group_write | fs::perms::others_write);
+  save_values(dir / "real.safetensors", {9});
+  CHECK(permissions(dir / "real.safetensors") ==
+        (fs::perms::owner_read | fs::perms::group_write | fs::perms::others_write));
+  // a new file: 0666 & ~umask
+  save_values(dir / "new.safetensors", {1});
+  CHECK(permissions(dir / "new.safetensors") ==
+        (fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read | fs::perms::others_read));
+  ::umask(mask);
+  CHECK(leftovers(dir) == 0);
 }

@@ -28,6 +28,7 @@
 #include <array>
 #include <bit>
 #include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -50,6 +51,8 @@
 
 #if __has_include(<unistd.h>) && __has_include(<fcntl.h>)
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #define SMEAR_IO_POSIX 1
 #else
@@ -1025,9 +1028,24 @@ class safetensors_writer {
     return out;
   }
 
-  /// Writes the file at `path` atomically: into a temporary file in the same directory, flushed
-  /// to disk, then renamed over `path`. On any failure the temporary is removed, `path` is left
-  /// as it was, and io_error names the file.
+  /// Writes the file at `path` atomically: into a temporary file in the directory of the file
+  /// to replace, flushed to disk, then renamed over it (and the directory flushed). On any
+  /// failure the temporary is removed, the old file is left as it was, and io_error names the
+  /// file. In detail:
+  ///
+  /// - Symbolic links are followed: when `path` is a symbolic link (or a chain of them), the
+  ///   file it finally points to is replaced, so the link stays a link and shows the new
+  ///   content; a dangling link gets its target created.
+  /// - Overwriting keeps the old file's permission bits (a checkpoint made 0600 stays 0600); a
+  ///   new file gets 0666 & ~umask. As with any save by rename, the new file belongs to the
+  ///   saver, and other hard links to the old file keep the old content.
+  /// - The temporary is named `.smear-<pid>-<16 hex digits>.tmp` (at most 38 characters, so a
+  ///   file name of up to NAME_MAX characters can be saved). Each successful save also removes
+  ///   the temporaries that killed saves left in that directory: files so named whose process
+  ///   no longer exists (kill(pid, 0) fails with ESRCH) and that have not been modified for an
+  ///   hour. The hour leaves alone a save running on another machine or in another PID
+  ///   namespace that shares the directory, whose pid means nothing here: a live save keeps
+  ///   writing its temporary and renames it as soon as it is flushed.
   void save(const std::filesystem::path& path) const { write_atomically(path, serialize()); }
 
   /// Writes `bytes` to `path` as save() does.
@@ -1036,16 +1054,19 @@ class safetensors_writer {
     const std::string where = path.string();
     if (path.filename().empty())
       throw io_error(detail::message("safetensors: cannot save to '", where, "': not a file name"));
-    const fs::path dir = path.has_parent_path() ? path.parent_path() : fs::path(".");
+    const fs::path target = resolve_links(path, where);
+    const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
     std::random_device entropy;
     const auto stamp = (static_cast<std::uint64_t>(entropy()) << 32) ^ entropy();
 #if SMEAR_IO_POSIX
+    struct stat old {};
+    const bool replacing = ::stat(target.c_str(), &old) == 0 && S_ISREG(old.st_mode);
+    const auto mode = static_cast<mode_t>(replacing ? (old.st_mode & 0777) : 0666);
     fs::path tmp;
     int fd = -1;
     for (int attempt = 0; attempt < 16 && fd < 0; ++attempt) {
-      tmp = dir / (path.filename().string() + ".tmp-" + std::to_string(::getpid()) + "-" +
-                   std::to_string(stamp + static_cast<std::uint64_t>(attempt)));
-      fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+      tmp = dir / temporary_name(::getpid(), stamp + static_cast<std::uint64_t>(attempt));
+      fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
       if (fd < 0 && errno != EEXIST) break;
     }
     if (fd < 0)
@@ -1058,6 +1079,8 @@ class safetensors_writer {
       throw io_error(detail::message("safetensors: cannot save '", where, "': ", what, ": ", std::strerror(err),
                                      " (the file was left as it was)"));
     };
+    // the umask applied at open; restore the old file's bits exactly, before any byte is written
+    if (replacing && ::fchmod(fd, mode) != 0) abandon("setting the permissions of the temporary failed", errno);
     std::size_t done = 0;
     while (done < bytes.size()) {
       const auto w = ::write(fd, bytes.data() + done, bytes.size() - done);
@@ -1075,7 +1098,7 @@ class safetensors_writer {
       throw io_error(detail::message("safetensors: cannot save '", where, "': closing failed: ", std::strerror(err),
                                      " (the file was left as it was)"));
     }
-    if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    if (::rename(tmp.c_str(), target.c_str()) != 0) {
       const int err = errno;
       std::error_code ignore;
       fs::remove(tmp, ignore);
@@ -1088,8 +1111,12 @@ class safetensors_writer {
       (void)::fsync(dfd);
       ::close(dfd);
     }
+    remove_orphaned_temporaries(dir);
 #else
-    const fs::path tmp = dir / (path.filename().string() + ".tmp-" + std::to_string(stamp));
+    std::error_code had;
+    const auto old = fs::status(target, had);
+    const bool replacing = !had && fs::is_regular_file(old);
+    const fs::path tmp = dir / temporary_name(0, stamp);
     {
       std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
       out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
@@ -1103,7 +1130,8 @@ class safetensors_writer {
       }
     }
     std::error_code ec;
-    fs::rename(tmp, path, ec);
+    if (replacing) fs::permissions(tmp, old.permissions(), fs::perm_options::replace, ec);
+    if (!ec) fs::rename(tmp, target, ec);
     if (ec) {
       std::error_code ignore;
       fs::remove(tmp, ignore);
@@ -1114,6 +1142,75 @@ class safetensors_writer {
   }
 
  private:
+  /// The name of a save's temporary: `.smear-<pid>-<stamp as 16 hex digits>.tmp`.
+  static std::string temporary_name(long pid, std::uint64_t stamp) {
+    constexpr char hex[] = "0123456789abcdef";
+    std::string digits(16, '0');
+    for (std::size_t i = 0; i < 16; ++i) digits[15 - i] = hex[(stamp >> (4 * i)) & 15];
+    return ".smear-" + std::to_string(pid) + "-" + digits + ".tmp";
+  }
+
+  /// The pid in a name made by temporary_name, or nothing for any other name.
+  static std::optional<long> temporary_pid(std::string_view name) noexcept {
+    constexpr std::string_view head = ".smear-", tail = ".tmp";
+    constexpr std::size_t stamp = 17;  // '-' and 16 hex digits
+    if (name.size() < head.size() + 1 + stamp + tail.size() || !name.starts_with(head) || !name.ends_with(tail))
+      return std::nullopt;
+    const auto middle = name.substr(head.size(), name.size() - head.size() - tail.size());
+    const auto pid = middle.substr(0, middle.size() - stamp), hex = middle.substr(middle.size() - stamp);
+    if (pid.size() > 10 || pid[0] == '0' || hex[0] != '-' ||
+        hex.find_first_not_of("0123456789abcdef", 1) != std::string_view::npos)
+      return std::nullopt;
+    long v = 0;
+    for (const char c : pid) {
+      if (c < '0' || c > '9') return std::nullopt;
+      v = v * 10 + (c - '0');
+    }
+    if (v > std::numeric_limits<int>::max()) return std::nullopt;
+    return v;
+  }
+
+  /// `path` with its symbolic links followed to the file they finally name (the directories on
+  /// the way are left as they are: renaming within them works through links).
+  static std::filesystem::path resolve_links(const std::filesystem::path& path, const std::string& where) {
+    namespace fs = std::filesystem;
+    fs::path target = path;
+    for (int links = 0;; ++links) {
+      std::error_code ec;
+      if (fs::symlink_status(target, ec).type() != fs::file_type::symlink) return target;
+      if (links == 40)
+        throw io_error(detail::message("safetensors: cannot save '", where, "': more than 40 symbolic links"));
+      fs::path next = fs::read_symlink(target, ec);
+      if (ec)
+        throw io_error(detail::message("safetensors: cannot save '", where, "': cannot read the symbolic link '",
+                                       target.string(), "': ", ec.message()));
+      target = next.is_absolute() ? std::move(next) : target.parent_path() / next;
+    }
+  }
+
+#if SMEAR_IO_POSIX
+  /// Removes the temporaries of killed saves in `dir` (see save()); never fails.
+  static void remove_orphaned_temporaries(const std::filesystem::path& dir) noexcept {
+    namespace fs = std::filesystem;
+    try {
+      const auto me = static_cast<long>(::getpid());
+      const auto now = fs::file_time_type::clock::now();
+      std::error_code ec;
+      for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+        const auto pid = temporary_pid(it->path().filename().native());
+        if (!pid || *pid == me) continue;
+        std::error_code e;
+        if (it->symlink_status(e).type() != fs::file_type::regular) continue;
+        const auto modified = fs::last_write_time(it->path(), e);
+        if (e || now - modified < std::chrono::hours(1)) continue;
+        if (::kill(static_cast<pid_t>(*pid), 0) == 0 || errno != ESRCH) continue;  // alive, or not ours to judge
+        fs::remove(it->path(), e);
+      }
+    } catch (...) {  // out of memory while listing: the orphans stay until the next save
+    }
+  }
+#endif
+
   static void check_utf8(const char* what, const std::string& text) {
     try {
       (void)nlohmann::json(text).dump();
