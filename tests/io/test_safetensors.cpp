@@ -469,7 +469,7 @@ TEST_CASE("the header parser accepts every JSON spelling of a valid header") {
   CHECK(safetensors_file::parse(make_file(R"({"__metadata__":{ }})")).metadata().empty());
 }
 
-TEST_CASE("a header of 200 000 entries parses (in time linear in its size)") {
+TEST_CASE("a header of 200 000 entries parses and is written (in time linear in its size)") {
   // With nlohmann/json's parse callback this took minutes (20 000 entries: 6 s, growing with the
   // square). Tiny tensors of 4 bytes, listed in reverse data order, and metadata at the end.
   constexpr std::size_t n = 200'000;
@@ -497,6 +497,17 @@ TEST_CASE("a header of 200 000 entries parses (in time linear in its size)") {
   const auto dup = header.substr(0, header.find_last_of('}')) + R"(,"block.7.experts.weight":{}})";
   CHECK_THROWS_WITH_AS(safetensors_file::parse(make_file(dup, data)), doctest::Contains("duplicate tensor name 'block.7"),
                        io_error);
+  // the writer too is linear (it was quadratic through nlohmann::ordered_json: 40 000 tensors, 3 s)
+  safetensors_writer out;
+  out.metadata("format", "pt");
+  for (std::size_t i = 0; i < n; ++i) {
+    const float v = static_cast<float>(i);
+    out.add("block." + std::to_string(i) + ".experts.weight", std::span<const float>(&v, 1), {1});
+  }
+  const auto written = safetensors_file::parse(out.serialize());
+  REQUIRE(written.tensors().size() == n);
+  CHECK(written.tensors().front().name == "block.0.experts.weight");
+  CHECK(written.read<float>("block.123456.experts.weight") == std::vector<float>{123456.0f});
 }
 
 TEST_CASE("the writer rejects inconsistent tensors") {

@@ -1008,16 +1008,31 @@ class safetensors_writer {
 
   /// The whole file as bytes.
   std::vector<unsigned char> serialize() const {
-    nlohmann::ordered_json header = nlohmann::ordered_json::object();
-    if (!metadata_.empty()) header["__metadata__"] = metadata_;
+    // The header's text is assembled here, each string escaped by nlohmann/json: the same bytes
+    // as dumping an nlohmann::ordered_json, whose every insertion searches the keys one by one
+    // (quadratic in the tensor count: 40 000 tensors took 3 s).
+    auto quoted = [](const std::string& s) { return nlohmann::json(s).dump(); };
+    std::string text = "{";
+    if (!metadata_.empty()) {
+      text += "\"__metadata__\":{";
+      for (const auto& [key, value] : metadata_) {
+        if (text.back() != '{') text += ',';
+        text += quoted(key) + ":" + quoted(value);
+      }
+      text += '}';
+    }
     std::vector<std::size_t> offsets;
+    offsets.reserve(entries_.size());
     std::size_t at = 0;
     for (const auto& e : entries_) {
-      header[e.name] = {{"dtype", to_string(e.type)}, {"shape", e.shape}, {"data_offsets", {at, at + e.bytes.size()}}};
+      if (text.size() > 1) text += ',';
+      text += quoted(e.name) + ":{\"dtype\":\"" + std::string(to_string(e.type)) + "\",\"shape\":[";
+      for (std::size_t i = 0; i < e.shape.size(); ++i) text += (i ? "," : "") + std::to_string(e.shape[i]);
+      text += "],\"data_offsets\":[" + std::to_string(at) + "," + std::to_string(at + e.bytes.size()) + "]}";
       offsets.push_back(at);
       at += e.bytes.size();
     }
-    std::string text = header.dump();
+    text += '}';
     while ((8 + text.size()) % 8 != 0) text.push_back(' ');
     std::vector<unsigned char> out(8 + text.size() + at);
     detail::store_le(out.data(), text.size(), 8);
