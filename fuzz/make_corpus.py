@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Writes the fuzzer's seed corpus (fuzz/corpus): small valid safetensors files, some in the
 checkpoint scheme the fuzzer loads (a bank of 2 linear<float>{2, 3} experts and a router over
-2-dimensional inputs), and broken ones. Run from anywhere: python3 fuzz/make_corpus.py"""
+2-dimensional inputs), and broken ones. Run from anywhere: python3 fuzz/make_corpus.py [dir]
+(default fuzz/corpus; fuzz/merge_corpus.sh writes them into a fresh directory)."""
 import json
 import os
 import struct
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "corpus")
@@ -72,11 +74,24 @@ FILES = {
                             '"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}', bytes(8)),
     "broken_json": raw('{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]', bytes(4)),
     "broken_nesting": raw('{"a":' + "[" * 64 + "]" * 64 + "}"),
+    "broken_field_twice": raw('{"a":{"dtype":"F64","dtype":"F32","shape":[1],"data_offsets":[0,4]}}', bytes(4)),
+    "broken_metadata_twice": raw('{"__metadata__":{"k":"a","k":"b"}}'),
+    "broken_nul_junk": raw('{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}\0junk', bytes(4)),
+    "broken_numbers": raw('{"a":{"dtype":"U8","shape":[01,1.5,1e3,-0],"data_offsets":[0,18446744073709551616]}}'),
+    "broken_surrogate": raw('{"\\ud83d":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}'),
+    "valid_escapes": raw('{"a\\"\\\\\\/\\b\\f\\n\\r\\t\\u00e9\\ud83d\\ude00\\u0000":'
+                         '{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+                         '"__metadata__":{"\u00e9\u20ac":"\\u0041"}}', bytes(4)),
+    "valid_whitespace": raw('{ "__metadata__" :\t{ "format" : "pt" } ,\n "a" : { "shape" : [ 2 ] ,\r'
+                            ' "data_offsets" : [ 0 , 4 ] , "dtype" : "BF16" } }\n\t  ', bytes(4)),
+    "valid_many_entries": safetensors([("layer.%d.w" % i, ("F32", "F16", "BF16", "U8")[i % 4], [i % 3])
+                                       for i in range(300)], {"format": "pt"}),
 }
 
 if __name__ == "__main__":
-    os.makedirs(OUT, exist_ok=True)
+    out = sys.argv[1] if len(sys.argv) > 1 else OUT
+    os.makedirs(out, exist_ok=True)
     for name, blob in FILES.items():
-        with open(os.path.join(OUT, name + ".safetensors"), "wb") as f:
+        with open(os.path.join(out, name + ".safetensors"), "wb") as f:
             f.write(blob)
-    print("wrote %d files to %s" % (len(FILES), OUT))
+    print("wrote %d files to %s" % (len(FILES), out))

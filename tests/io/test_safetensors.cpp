@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -19,6 +20,9 @@
 #include <vector>
 
 #include "smear/random.hpp"
+
+#include <sys/stat.h>
+#include <unistd.h>
 
 using namespace smear;
 namespace fs = std::filesystem;
@@ -51,12 +55,38 @@ fs::path scratch(const std::string& name) {
   return dir / name;
 }
 
+/// How many save temporaries (.smear-<pid>-<hex>.tmp) lie in `dir`.
 std::size_t leftovers(const fs::path& dir) {
   std::size_t n = 0;
-  for (const auto& e : fs::directory_iterator(dir))
-    if (e.path().filename().string().find(".tmp-") != std::string::npos) ++n;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    const auto name = e.path().filename().string();
+    if (name.starts_with(".smear-") && name.ends_with(".tmp")) ++n;
+  }
   return n;
 }
+
+/// A fresh empty directory under the scratch directory.
+fs::path fresh_dir(const std::string& name) {
+  const auto dir = scratch(name);
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+void write_text(const fs::path& path, const std::string& text) {
+  std::ofstream o(path, std::ios::binary);
+  o << text;
+}
+
+std::vector<double> saved_values(const fs::path& path) { return safetensors_file::open(path).read<double>("v"); }
+
+void save_values(const fs::path& path, const std::vector<double>& v) {
+  safetensors_writer out;
+  out.add("v", std::span<const double>(v), {v.size()});
+  out.save(path);
+}
+
+fs::perms permissions(const fs::path& path) { return fs::status(path).permissions() & fs::perms::mask; }
 
 }  // namespace
 
@@ -312,6 +342,174 @@ TEST_CASE("hostile files give an io_error naming the file, never a crash") {
   CHECK_NOTHROW(safetensors_file::parse(good));
 }
 
+TEST_CASE("the header parser refuses what JSON or the format forbids, naming the byte") {
+  const std::string f32 = R"("dtype":"F32")";
+  const std::string one = R"("shape":[1],"data_offsets":[0,4])";
+  auto tensor = [&](const std::string& body) { return make_file(R"({"t":{)" + body + "}}", bytes_t(4)); };
+  auto with_shape = [&](const std::string& dims) {
+    return make_file(R"({"t":{"dtype":"U8","shape":[)" + dims + R"(],"data_offsets":[0,0]}})");
+  };
+  auto with_offsets = [&](const std::string& offsets) {
+    return make_file(R"({"t":{"dtype":"U8","shape":[0],"data_offsets":[)" + offsets + "]}}");
+  };
+  auto named = [&](const std::string& name) {
+    return make_file("{\"" + name + R"(":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}})");
+  };
+  std::string nul_header = R"({"t":{)" + f32 + "," + one + "}}";
+  nul_header += std::string(1, '\0') + "junk";
+  struct hostile {
+    const char* what;
+    bytes_t bytes;
+    const char* message;
+  };
+  const std::vector<hostile> cases{
+      // the same field twice in one entry (nlohmann/json kept the last)
+      {"dtype twice", tensor(R"("dtype":"F64","dtype":"F32",)" + one), "the field 'dtype' appears twice"},
+      {"shape twice", tensor(f32 + R"(,"shape":[1],"shape":[1],"data_offsets":[0,4])"),
+       "the field 'shape' appears twice"},
+      {"data_offsets twice", tensor(f32 + "," + one + R"(,"data_offsets":[0,4])"),
+       "the field 'data_offsets' appears twice"},
+      {"metadata key twice", make_file(R"({"__metadata__":{"k":"a","k":"b"}})"), "duplicate __metadata__ key 'k'"},
+      {"metadata twice", make_file(R"({"__metadata__":{},"__metadata__":{}})"), "__metadata__ appears twice"},
+      // NUL bytes and control characters
+      {"a NUL byte followed by junk", make_file(nul_header, bytes_t(4)), "NUL byte at byte 62"},
+      {"a NUL byte inside a name", named(std::string("a\0b", 3)), "NUL byte at byte 11"},
+      {"a raw newline in a name", named("a\nb"), "control character byte 0x0a in a string"},
+      {"a raw tab in metadata", make_file("{\"__metadata__\":{\"k\":\"a\tb\"}}"), "control character byte 0x09"},
+      {"a control character between tokens", make_file("{\x01}"), "not valid JSON at byte 9"},
+      // after the closing brace: whitespace only
+      {"a second brace", make_file("{}}"), "unexpected '}' after the header's closing '}'"},
+      {"junk after padding", make_file("{}      x"), "unexpected 'x' after"},
+      {"a second object", make_file("{} {}"), "after the header's closing '}'"},
+      // numbers: plain non-negative integers below 2^64
+      {"a fraction in a shape", with_shape("1.0"), "shape holds something other than a non-negative integer"},
+      {"an exponent in a shape", with_shape("1e2"), "a sign, a fraction or an exponent"},
+      {"a plus sign in a shape", with_shape("+1"), "a sign, a fraction or an exponent"},
+      {"minus zero in a shape", with_shape("-0"), "a sign, a fraction or an exponent"},
+      {"a leading zero in a shape", with_shape("01"), "a leading zero"},
+      {"a dimension of 2^64", with_shape("18446744073709551616"), "more than 64 bits"},
+      {"a dimension of 10^30", with_shape("1000000000000000000000000000000"), "more than 64 bits"},
+      {"a string in a shape", with_shape("\"1\""), "not a number"},
+      {"true in a shape", with_shape("true"), "not a number"},
+      {"an empty element", with_shape("1,,2"), "expected a value, found ','"},
+      {"a trailing comma in a shape", with_shape("1,"), "expected a value, found ']'"},
+      {"an offset of 2^64 + 5", with_offsets("0,18446744073709551621"), "data_offsets is not"},
+      {"a fractional offset", with_offsets("0,0.0"), "data_offsets is not"},
+      {"a leading zero in an offset", with_offsets("00,0"), "a leading zero"},
+      {"three offsets", with_offsets("0,0,0"), "more than two numbers"},
+      {"one offset", with_offsets("0"), "(1 number at"},
+      {"no offsets", with_offsets(""), "(0 numbers"},
+      // nesting: no deeper than the header, an entry and a shape
+      {"an array in a shape", with_shape("[1]"), "nests deeper"},
+      {"an object in metadata", make_file(R"({"__metadata__":{"k":{"a":{}}}})"), "nests deeper"},
+      {"an object as metadata value", make_file(R"({"__metadata__":{"k":{}}})"), "__metadata__ entry 'k' is not"},
+      {"null as an entry", make_file(R"({"t":null})"), "not an object"},
+      {"a string as an entry", make_file(R"({"t":"x"})"), "not an object"},
+      {"a broken value as an entry", make_file(R"({"t":nul})"), "not valid JSON at byte 13"},
+      // strings: JSON's escapes, valid UTF-8
+      {"an unknown escape", named("a\\xb"), "invalid escape '\\x'"},
+      {"a short \\u escape", named("a\\u12"), "four hex digits"},
+      {"a lone high surrogate", named("a\\ud83db"), "not followed by the \\u escape of a low one"},
+      {"a high surrogate then a non-surrogate", named("\\ud83d\\u0041"), "not followed by the \\u escape of a low"},
+      {"a lone low surrogate", named("\\ude00"), "low surrogate without a high one"},
+      {"an overlong encoding", named("\xc0\xaf"), "invalid UTF-8"},
+      {"an overlong three-byte encoding", named("\xe0\x80\xaf"), "invalid UTF-8"},
+      {"an encoded surrogate", named("\xed\xa0\x80"), "invalid UTF-8"},
+      {"a code point above U+10FFFF", named("\xf4\x90\x80\x80"), "invalid UTF-8"},
+      {"a continuation byte alone", named("\x80"), "invalid UTF-8"},
+      {"a sequence cut by the quote", named("\xe2\x82"), "invalid UTF-8"},
+      {"an unterminated string", make_file(R"({"t)"), "not terminated"},
+      {"a header ending after a name", make_file(R"({"t")"), "ends where ':' after a name was expected"},
+      {"a trailing comma in the header", make_file(R"({"__metadata__":{},})"), "expected a tensor name"},
+      {"a name that is not a string", make_file(R"({t:1})"), "expected a tensor name (a string), found 't'"},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.what);
+    CHECK_THROWS_WITH_AS(safetensors_file::parse(c.bytes, "hostile.safetensors"), doctest::Contains(c.message),
+                         io_error);
+    CHECK_THROWS_WITH_AS(safetensors_file::parse(c.bytes, "hostile.safetensors"),
+                         doctest::Contains("'hostile.safetensors'"), io_error);
+  }
+}
+
+TEST_CASE("the header parser accepts every JSON spelling of a valid header") {
+  // whitespace between all tokens and after the closing brace; fields in any order
+  const std::string spaced = "{\n\t\"__metadata__\" :\r{ \"k\" : \"v\" , \"e\":\"\" } ,\n"
+                             "  \"t\" : { \"data_offsets\" : [ 0 , 4 ] , \"shape\" : [ 1 ] , \"dtype\" : \"F32\" }\n} \n\t\r ";
+  const auto file = safetensors_file::parse(make_file(spaced, bytes_t{0, 0, 0x80, 0x3F}));
+  CHECK(file.read<float>("t") == std::vector<float>{1.0f});
+  CHECK(file.metadata().at("k") == "v");
+  CHECK(file.metadata().at("e").empty());
+  // every escape, surrogate pairs and raw UTF-8, decoded
+  const std::string escaped = R"(a\"b\\c\/d\b\f\n\r\t\u0041\u00e9\u20ac\ud83d\ude00\uD83D\uDE00\u0000z)";
+  const std::string decoded = std::string("a\"b\\c/d\b\f\n\r\tA\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80\xf0\x9f\x98\x80") +
+                              std::string(1, '\0') + "z";
+  const std::string raw = "\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80\xf4\x8f\xbf\xbf";  // é € 😀 U+10FFFF
+  const auto names = safetensors_file::parse(make_file(
+      "{\"" + escaped + R"(":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},")" + raw +
+      R"(":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"__metadata__":{"\u006b":"\ud800\udc00"}})"));
+  CHECK(names.contains(decoded));
+  CHECK(names.contains(raw));
+  CHECK(names.metadata().at("k") == "\xf0\x90\x80\x80");
+  // the largest integers: 2^64 - 1 parses (and is then refused by the size checks, not the parser)
+  CHECK_THROWS_WITH_AS(safetensors_file::parse(make_file(
+                           R"({"t":{"dtype":"U8","shape":[18446744073709551615],"data_offsets":[0,0]}})")),
+                       doctest::Contains("hold 0 bytes, but U8 [18446744073709551615] needs 18446744073709551615"),
+                       io_error);
+  CHECK_THROWS_WITH_AS(safetensors_file::parse(make_file(
+                           R"({"t":{"dtype":"U8","shape":[0],"data_offsets":[0,18446744073709551615]}})")),
+                       doctest::Contains("lie outside the data"), io_error);
+  // empty shapes, empty objects, a tensor called "" and one called like a field
+  const auto small = safetensors_file::parse(make_file(
+      R"({"":{"dtype":"F32","shape":[],"data_offsets":[0,4]},"dtype":{"dtype":"BOOL","shape":[0],"data_offsets":[4,4]}})",
+      bytes_t(4)));
+  CHECK(small.at("").shape.empty());
+  CHECK(small.at("dtype").type == dtype::boolean);
+  CHECK(safetensors_file::parse(make_file("{ }")).tensors().empty());
+  CHECK(safetensors_file::parse(make_file(R"({"__metadata__":{ }})")).metadata().empty());
+}
+
+TEST_CASE("a header of 200 000 entries parses and is written (in time linear in its size)") {
+  // With nlohmann/json's parse callback this took minutes (20 000 entries: 6 s, growing with the
+  // square). Tiny tensors of 4 bytes, listed in reverse data order, and metadata at the end.
+  constexpr std::size_t n = 200'000;
+  std::string header = "{";
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::size_t begin = 4 * (n - 1 - i);
+    header += "\"block." + std::to_string(i) + ".experts.weight\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[" +
+              std::to_string(begin) + "," + std::to_string(begin + 4) + "]},";
+  }
+  header += R"("__metadata__":{"format":"pt"}})";
+  while ((8 + header.size()) % 8 != 0) header += ' ';
+  bytes_t data(4 * n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const auto v = std::bit_cast<std::uint32_t>(static_cast<float>(i));
+    detail::store_le(data.data() + 4 * (n - 1 - i), v, 4);
+  }
+  const auto file = safetensors_file::parse(make_file(header, data), "large.safetensors");
+  REQUIRE(file.tensors().size() == n);
+  CHECK(file.tensors().front().name == "block." + std::to_string(n - 1) + ".experts.weight");  // data order
+  CHECK(file.read<float>("block.0.experts.weight") == std::vector<float>{0.0f});
+  CHECK(file.read<float>("block.123456.experts.weight") == std::vector<float>{123456.0f});
+  CHECK(file.at("block.199999.experts.weight").begin == 0);
+  CHECK(file.metadata().at("format") == "pt");
+  // a duplicate at the very end is still found
+  const auto dup = header.substr(0, header.find_last_of('}')) + R"(,"block.7.experts.weight":{}})";
+  CHECK_THROWS_WITH_AS(safetensors_file::parse(make_file(dup, data)), doctest::Contains("duplicate tensor name 'block.7"),
+                       io_error);
+  // the writer too is linear (it was quadratic through nlohmann::ordered_json: 40 000 tensors, 3 s)
+  safetensors_writer out;
+  out.metadata("format", "pt");
+  for (std::size_t i = 0; i < n; ++i) {
+    const float v = static_cast<float>(i);
+    out.add("block." + std::to_string(i) + ".experts.weight", std::span<const float>(&v, 1), {1});
+  }
+  const auto written = safetensors_file::parse(out.serialize());
+  REQUIRE(written.tensors().size() == n);
+  CHECK(written.tensors().front().name == "block.0.experts.weight");
+  CHECK(written.read<float>("block.123456.experts.weight") == std::vector<float>{123456.0f});
+}
+
 TEST_CASE("the writer rejects inconsistent tensors") {
   safetensors_writer out;
   const std::vector<float> v(6);
@@ -365,4 +563,100 @@ TEST_CASE("saving is atomic: a failed save leaves the old file and no temporary"
     o << "\x10\0\0\0\0\0\0\0{";
   }
   CHECK_THROWS_WITH_AS(safetensors_file::open(bad), doctest::Contains("corrupt.safetensors"), io_error);
+}
+
+TEST_CASE("saving: file names up to NAME_MAX, temporaries of killed saves cleaned up") {
+  const auto dir = fresh_dir("names");
+  // the temporary's name is short, so the longest valid file name saves
+  const std::string longest = std::string(255 - 12, 'n') + ".safetensors";
+  save_values(dir / longest, {1, 2});
+  CHECK(saved_values(dir / longest) == std::vector<double>{1, 2});
+  save_values(dir / longest, {3});  // and is overwritten
+  CHECK(saved_values(dir / longest) == std::vector<double>{3});
+  CHECK_THROWS_WITH_AS(save_values(dir / ("n" + longest), {1}), doctest::Contains("(the file was left as it was)"),
+                       io_error);  // 256 characters: too long for the file system, nothing left behind
+  CHECK(leftovers(dir) == 0);
+
+  // temporaries as a killed save leaves them: pid 2147483647 cannot exist (pids stay below
+  // 2^22 on Linux), so kill() answers ESRCH
+  const auto clean = fresh_dir("orphans");
+  const auto old_enough = fs::file_time_type::clock::now() - std::chrono::hours(2);
+  auto orphan = [&](const std::string& name, bool old) {
+    write_text(clean / name, "partial");
+    if (old) fs::last_write_time(clean / name, old_enough);
+    return clean / name;
+  };
+  const auto dead = orphan(".smear-2147483647-00000000deadbeef.tmp", true);
+  const auto dead_recent = orphan(".smear-2147483647-0000000000000001.tmp", false);  // within the hour: kept
+  const auto mine = orphan(".smear-" + std::to_string(::getpid()) + "-00000000000000aa.tmp", true);  // alive
+  const auto init = orphan(".smear-1-00000000000000bb.tmp", true);                // pid 1 is alive
+  const auto not_ours = orphan(".smear-2147483647-0000000dead.tmp", true);       // not 16 hex digits
+  const auto upper = orphan(".smear-2147483647-00000000DEADBEEF.tmp", true);     // not our spelling
+  const auto user_file = orphan("2147483647.tmp", true);
+  save_values(clean / "model.safetensors", {1});
+  CHECK_FALSE(fs::exists(dead));
+  for (const auto& kept : {dead_recent, mine, init, not_ours, upper, user_file}) {
+    CAPTURE(kept.filename().string());
+    CHECK(fs::exists(kept));
+  }
+  CHECK(saved_values(clean / "model.safetensors") == std::vector<double>{1});
+  // a failed save removes nothing but its own temporary
+  const auto dead_again = orphan(".smear-2147483647-00000000deadbee2.tmp", true);
+  fs::create_directories(clean / "blocked.safetensors" / "inside");
+  CHECK_THROWS_AS(save_values(clean / "blocked.safetensors", {1}), io_error);
+  CHECK(fs::exists(dead_again));
+}
+
+TEST_CASE("saving through a symbolic link replaces its target; overwriting keeps the permissions") {
+  const auto dir = fresh_dir("links");
+  const auto other = fresh_dir("links-target");
+  // a relative link in the same directory
+  save_values(dir / "real.safetensors", {1});
+  fs::create_symlink("real.safetensors", dir / "link.safetensors");
+  save_values(dir / "link.safetensors", {2, 3});
+  CHECK(fs::is_symlink(dir / "link.safetensors"));
+  CHECK(fs::read_symlink(dir / "link.safetensors") == "real.safetensors");
+  CHECK(saved_values(dir / "link.safetensors") == std::vector<double>{2, 3});
+  CHECK(saved_values(dir / "real.safetensors") == std::vector<double>{2, 3});
+  // a chain of links, the last one absolute and into another directory: the temporary is made there
+  save_values(other / "weights.safetensors", {4});
+  fs::create_symlink(other / "weights.safetensors", dir / "absolute.safetensors");
+  fs::create_symlink("absolute.safetensors", dir / "chain.safetensors");
+  save_values(dir / "chain.safetensors", {5});
+  CHECK(fs::is_symlink(dir / "chain.safetensors"));
+  CHECK(fs::is_symlink(dir / "absolute.safetensors"));
+  CHECK(saved_values(other / "weights.safetensors") == std::vector<double>{5});
+  // a dangling link gets its target
+  fs::create_symlink("later.safetensors", dir / "dangling.safetensors");
+  save_values(dir / "dangling.safetensors", {6});
+  CHECK(fs::is_symlink(dir / "dangling.safetensors"));
+  CHECK(saved_values(dir / "later.safetensors") == std::vector<double>{6});
+  // a loop of links is an io_error, not a hang
+  fs::create_symlink("loop-b", dir / "loop-a");
+  fs::create_symlink("loop-a", dir / "loop-b");
+  CHECK_THROWS_WITH_AS(save_values(dir / "loop-a", {1}), doctest::Contains("more than 40 symbolic links"), io_error);
+  CHECK(leftovers(dir) == 0);
+  CHECK(leftovers(other) == 0);
+
+  // permissions: an overwritten file keeps its bits, directly and through a link
+  fs::permissions(dir / "real.safetensors", fs::perms::owner_read | fs::perms::owner_write);
+  save_values(dir / "real.safetensors", {7});
+  CHECK(permissions(dir / "real.safetensors") == (fs::perms::owner_read | fs::perms::owner_write));
+  fs::permissions(dir / "real.safetensors", fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read);
+  save_values(dir / "link.safetensors", {8});
+  CHECK(permissions(dir / "real.safetensors") ==
+        (fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read));
+  CHECK(saved_values(dir / "real.safetensors") == std::vector<double>{8});
+  // even bits the umask would clear, and a read-only file (the save replaces it, as rename does)
+  const auto mask = ::umask(022);
+  fs::permissions(dir / "real.safetensors", fs::perms::owner_read | fs::perms::group_write | fs::perms::others_write);
+  save_values(dir / "real.safetensors", {9});
+  CHECK(permissions(dir / "real.safetensors") ==
+        (fs::perms::owner_read | fs::perms::group_write | fs::perms::others_write));
+  // a new file: 0666 & ~umask
+  save_values(dir / "new.safetensors", {1});
+  CHECK(permissions(dir / "new.safetensors") ==
+        (fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read | fs::perms::others_read));
+  ::umask(mask);
+  CHECK(leftovers(dir) == 0);
 }
