@@ -163,6 +163,7 @@ void run_shared(benchmark::State& state, workload w, std::size_t callers) {
   std::vector<smear::layer<expert, N>::workspace> ws(callers);
   std::vector<std::vector<float>> y(callers, std::vector<float>(size));
   auto calls = [&](std::size_t c) {
+    set_threads(1);  // a new thread starts with OpenMP's default thread count, not main's
     for (std::size_t i = 0; i < per_call; ++i) shared.forward(ws[c], tokens, y[c]);
   };
   for (std::size_t c = 0; c < callers; ++c) calls(c);  // warm-up: buffers are sized here
