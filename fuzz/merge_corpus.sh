@@ -4,6 +4,11 @@
 # their names), then takes from fuzz/corpus and <work dir>/corpus only the inputs that add
 # coverage. fuzz/corpus is then replaced by the result.
 #
+# -use_counters=0: an input is kept when it reaches a code edge none before it reached, not a new
+# hit count of one (with counters, the corpus of the first long run kept 667 files, 3.1 MB; edges
+# only, 136 files, 0.6 MB). Fuzzing itself runs with counters; they are rebuilt from this corpus
+# within seconds.
+#
 #   fuzz/merge_corpus.sh <work dir of run_fuzzer.sh>
 #
 # Needs <work dir>/safetensors_fuzzer (built by run_fuzzer.sh). SMEAR_FUZZ_MAX_LEN as there.
@@ -19,7 +24,7 @@ rm -rf "$fresh" && mkdir -p "$fresh"
 python3 "$here/make_corpus.py" "$fresh"
 before=$(ls "$here/corpus" | wc -l)
 found=$(ls "$work/corpus" | wc -l)
-ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1} "$fuzzer" -merge=1 -max_len="$max_len" -timeout=10 \
+ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1} "$fuzzer" -merge=1 -use_counters=0 -max_len="$max_len" -timeout=10 \
   -rss_limit_mb=2048 "$fresh" "$here/corpus" "$work/corpus" >"$work/merge.log" 2>&1 \
   || { tail -20 "$work/merge.log"; exit 1; }
 rm -f "$here/corpus"/*
