@@ -40,8 +40,9 @@ namespace smear {
 ///
 /// Inference cache: plans that merge through a per-task table (latent skills and AdaMix in
 /// evaluation, SMEAR after set_task_routing()) merge each row once and reuse the merged experts
-/// until the table or a parameter may have changed: backward(), train(), parameters(), the
-/// non-const bank()/router()/skills() accessors and invalidate_cache() all end their validity.
+/// until the table or a parameter may have changed: backward(), train(), a forward in training
+/// mode, parameters(), the non-const bank()/router()/skills()/baseline()/cluster_centres()
+/// accessors and invalidate_cache() all end their validity.
 /// Call invalidate_cache() after writing parameters through spans obtained earlier.
 ///
 /// Threads: a layer is used by one thread at a time, except the const forward(workspace&, ...)
@@ -162,14 +163,9 @@ class layer : public layer_core<Expert, N> {
 
     /// The distribution over experts of this workspace's last forward, [B, N] (see
     /// layer::routing()).
-    matrix_ref<const T> routing() const noexcept {
-      if (plan_.by_router) return {route_.used.data(), plan_.batch, N};
-      return plan_.weight_matrix();
-    }
+    matrix_ref<const T> routing() const noexcept { return probabilities(plan_, route_); }
     /// The experts each example of its last forward ran, [B, k] (see layer::choices()).
-    matrix_ref<const std::int32_t> choices() const noexcept {
-      return {plan_.choices.data(), plan_.batch, plan_.choice_cols};
-    }
+    matrix_ref<const std::int32_t> choices() const noexcept { return choices_of(plan_); }
     /// Bytes of its buffers.
     std::size_t bytes() const noexcept {
       return buf_.bytes() + route_.bytes() + plan_bytes(plan_) + (planner_ ? planner_->workspace_bytes() : 0);
@@ -234,9 +230,7 @@ class layer : public layer_core<Expert, N> {
 
   /// The experts each example of the last forward ran, [B, k] (k = 1 except top-k routing):
   /// the chosen ones for discrete strategies, the most probable one for soft strategies.
-  matrix_ref<const std::int32_t> choices() const noexcept {
-    return {this->plan_.choices.data(), this->plan_.batch, this->plan_.choice_cols};
-  }
+  matrix_ref<const std::int32_t> choices() const noexcept { return choices_of(this->plan_); }
 
   /// Bytes of the per-call buffers the layer holds now (merged parameters, saved activations,
   /// per-thread scratch, expert outputs for mixtures, the inference cache, the router's and
@@ -337,11 +331,14 @@ class layer : public layer_core<Expert, N> {
            sizeof(std::int32_t) * (p.choices.capacity() + p.expert.capacity()) +
            sizeof(std::size_t) * p.count.capacity();
   }
-  /// The distribution over experts a plan reports (the router's p when by_router).
-  matrix_ref<const T> probabilities(const routing_plan<T>& p,
-                                    const typename smear::router<T>::workspace& route) const noexcept {
-    if (p.by_router) return this->router_.probabilities(route);
+  /// The distribution over experts a plan reports (the router's p, [B, N], when by_router).
+  static matrix_ref<const T> probabilities(const routing_plan<T>& p,
+                                           const typename smear::router<T>::workspace& route) noexcept {
+    if (p.by_router) return {route.used.data(), p.batch, N};
     return p.weight_matrix();
+  }
+  static matrix_ref<const std::int32_t> choices_of(const routing_plan<T>& p) noexcept {
+    return {p.choices.data(), p.batch, p.choice_cols};
   }
 
   // ---- checked mode --------------------------------------------------------------------

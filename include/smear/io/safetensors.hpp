@@ -454,23 +454,12 @@ class safetensors_file {
         file_.fail(detail::message("the header holds a NUL byte at byte ",
                                    offset(static_cast<const unsigned char*>(nul)), " (JSON text cannot)"));
       expect('{', "'{'");
-      skip_ws();
-      if (peek() == '}') {
-        ++p_;
-      } else {
-        for (;;) {
-          skip_ws();
-          const unsigned char* at = p_;
-          expect('"', "a tensor name (a string)");
-          std::string name = string_body();
-          colon();
-          if (name == "__metadata__")
-            metadata(at);
-          else
-            entry(std::move(name), at);
-          if (!next_member("an entry", '}')) break;
-        }
-      }
+      members("a tensor name (a string)", "an entry", [&](std::string name, const unsigned char* at) {
+        if (name == "__metadata__")
+          metadata(at);
+        else
+          entry(std::move(name), at);
+      });
       skip_ws();
       if (p_ != last_)
         syntax("unexpected " + describe(*p_) + " after the header's closing '}' (only whitespace may follow it)");
@@ -520,6 +509,37 @@ class safetensors_file {
       if (peek() != close) unexpected(detail::message("',' or '", close, "' after ", what));
       ++p_;
       return false;
+    }
+    /// The members of an object whose '{' was just read: `member(name, name_at)` reads each
+    /// value (p_ is past the ':'). `name_what` and `member_what` name them in errors.
+    template <class F>
+    void members(const char* name_what, const char* member_what, F&& member) {
+      skip_ws();
+      if (peek() == '}') {
+        ++p_;
+        return;
+      }
+      do {
+        skip_ws();
+        const unsigned char* name_at = p_;
+        expect('"', name_what);
+        std::string name = string_body();
+        colon();
+        member(std::move(name), name_at);
+      } while (next_member(member_what, '}'));
+    }
+    /// The elements of an array whose '[' was just read: `element()` reads each.
+    template <class F>
+    void elements(F&& element) {
+      skip_ws();
+      if (peek() == ']') {
+        ++p_;
+        return;
+      }
+      do {
+        skip_ws();
+        element();
+      } while (next_member("an element", ']'));
     }
 
     /// A string's contents, decoded; p_ is just past the opening quote and ends past the closing one.
@@ -660,24 +680,12 @@ class safetensors_file {
         if (depth > max_depth)
           file_.fail(detail::message("the header nests deeper than a safetensors header does (byte ", offset(p_),
                                      ")"));
-        const bool object = c == '{';
-        const char close = object ? '}' : ']';
         ++p_;
-        skip_ws();
-        if (peek() == close) {
-          ++p_;
-          return;
-        }
-        for (;;) {
-          skip_ws();
-          if (object) {
-            expect('"', "a name (a string)");
-            (void)string_body();
-            colon();
-          }
-          skip_value(depth + 1);
-          if (!next_member(object ? "a member" : "an element", close)) return;
-        }
+        if (c == '{')
+          members("a name (a string)", "a member", [&](std::string, const unsigned char*) { skip_value(depth + 1); });
+        else
+          elements([&] { skip_value(depth + 1); });
+        return;
       }
       if (c == '"') {
         ++p_;
@@ -753,22 +761,6 @@ class safetensors_file {
       return v;
     }
 
-    /// An array of unsigned integers, each passed to `each`; p_ is at the '['.
-    template <class F>
-    void uint_array(F&& each) {
-      ++p_;
-      skip_ws();
-      if (peek() == ']') {
-        ++p_;
-        return;
-      }
-      for (;;) {
-        skip_ws();
-        each();
-        if (!next_member("an element", ']')) return;
-      }
-    }
-
     void entry(std::string name, const unsigned char* at) {
       if (!file_.index_.emplace(name, file_.tensors_.size()).second)
         file_.fail(detail::message("duplicate tensor name '", name, "' (the second at byte ", offset(at), ")"));
@@ -785,71 +777,61 @@ class safetensors_file {
       std::array<std::uint64_t, 2> range{};
       const char* const bad_dim = "shape holds something other than a non-negative integer below 2^64";
       const char* const bad_range = "data_offsets is not [begin, end] with non-negative integers below 2^64";
-      skip_ws();
-      if (peek() == '}') {
-        ++p_;
-      } else {
-        for (;;) {
-          skip_ws();
-          const unsigned char* field_at = p_;
-          expect('"', "a field name (a string)");
-          const std::string field = string_body();
-          colon();
-          auto once = [&](bool seen) {
-            if (seen)
-              bad(detail::message("the field '", field, "' appears twice (the second at byte ", offset(field_at), ")"));
-          };
-          if (field == "dtype") {
-            once(type.has_value());
-            if (peek() != '"') {
-              skip_value(3);
-              bad("dtype is not a string");
-            }
-            ++p_;
-            const std::string text = string_body();
-            type = parse_dtype(text);
-            if (!type) bad(detail::message("unknown dtype '", text, "'"));
-          } else if (field == "shape") {
-            once(has_shape);
-            has_shape = true;
-            if (peek() != '[') {
-              skip_value(3);
-              bad("shape is not an array");
-            }
-            uint_array([&] { dims.push_back(read_uint(name, bad_dim)); });
-          } else if (field == "data_offsets") {
-            once(has_offsets);
-            has_offsets = true;
-            if (peek() != '[') {
-              skip_value(3);
-              bad(bad_range);
-            }
-            const unsigned char* array_at = p_;
-            uint_array([&] {
-              if (offsets == 2) bad(detail::message(bad_range, " (more than two numbers at byte ", offset(array_at), ")"));
-              range[offsets++] = read_uint(name, bad_range);
-            });
-            if (offsets != 2)
-              bad(detail::message(bad_range, " (", offsets, offsets == 1 ? " number" : " numbers", " at byte ",
-                                  offset(array_at), ")"));
-          } else {
-            bad(detail::message("unknown field '", field, "'"));
+      members("a field name (a string)", "a field", [&](const std::string& field, const unsigned char* field_at) {
+        auto once = [&](bool seen) {
+          if (seen)
+            bad(detail::message("the field '", field, "' appears twice (the second at byte ", offset(field_at), ")"));
+        };
+        if (field == "dtype") {
+          once(type.has_value());
+          if (peek() != '"') {
+            skip_value(3);
+            bad("dtype is not a string");
           }
-          if (!next_member("a field", '}')) break;
+          ++p_;
+          const std::string text = string_body();
+          type = parse_dtype(text);
+          if (!type) bad(detail::message("unknown dtype '", text, "'"));
+        } else if (field == "shape") {
+          once(has_shape);
+          has_shape = true;
+          if (peek() != '[') {
+            skip_value(3);
+            bad("shape is not an array");
+          }
+          ++p_;
+          elements([&] { dims.push_back(read_uint(name, bad_dim)); });
+        } else if (field == "data_offsets") {
+          once(has_offsets);
+          has_offsets = true;
+          if (peek() != '[') {
+            skip_value(3);
+            bad(bad_range);
+          }
+          const unsigned char* array_at = p_++;
+          elements([&] {
+            if (offsets == 2) bad(detail::message(bad_range, " (more than two numbers at byte ", offset(array_at), ")"));
+            range[offsets++] = read_uint(name, bad_range);
+          });
+          if (offsets != 2)
+            bad(detail::message(bad_range, " (", offsets, offsets == 1 ? " number" : " numbers", " at byte ",
+                                offset(array_at), ")"));
+        } else {
+          bad(detail::message("unknown field '", field, "'"));
         }
-      }
+      });
       if (!type || !has_shape || offsets != 2) bad("the entry needs dtype, shape and data_offsets");
       tensor_info t;
       t.type = *type;
-      std::uint64_t elements = 1;
+      std::uint64_t count = 1;
       for (const auto d : dims) {
-        const auto product = detail::checked_mul(elements, d);
+        const auto product = detail::checked_mul(count, d);
         if (!product || d > std::numeric_limits<std::size_t>::max())
-          bad(detail::message("the shape's element count overflows (", d, " after ", elements, ")"));
-        elements = *product;
+          bad(detail::message("the shape's element count overflows (", d, " after ", count, ")"));
+        count = *product;
         t.shape.push_back(static_cast<std::size_t>(d));
       }
-      const auto bytes = detail::checked_mul(elements, dtype_size(t.type));
+      const auto bytes = detail::checked_mul(count, dtype_size(t.type));
       if (!bytes) bad(detail::message("the byte count of shape ", detail::shape_string(t.shape), " overflows"));
       const auto [begin, end] = range;
       if (begin > end || end > data_size_)
@@ -871,17 +853,7 @@ class safetensors_file {
         file_.fail("__metadata__ is not an object of strings");
       }
       ++p_;
-      skip_ws();
-      if (peek() == '}') {
-        ++p_;
-        return;
-      }
-      for (;;) {
-        skip_ws();
-        const unsigned char* key_at = p_;
-        expect('"', "a metadata key (a string)");
-        std::string key = string_body();
-        colon();
+      members("a metadata key (a string)", "a metadata entry", [&](std::string key, const unsigned char* key_at) {
         if (peek() != '"') {
           skip_value(3);
           file_.fail(detail::message("__metadata__ entry '", key, "' is not a string"));
@@ -890,8 +862,7 @@ class safetensors_file {
         std::string value = string_body();
         if (!file_.metadata_.emplace(key, std::move(value)).second)
           file_.fail(detail::message("duplicate __metadata__ key '", key, "' (the second at byte ", offset(key_at), ")"));
-        if (!next_member("a metadata entry", '}')) return;
-      }
+      });
     }
 
     safetensors_file& file_;
