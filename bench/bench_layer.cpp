@@ -10,6 +10,10 @@
 // modes: fwd (inference: forward only) and fwdbwd (training: forward then backward).
 // shared/fwd/.../callers:K: inference throughput of one evaluation layer shared by K threads,
 // each with its own workspace and one OpenMP thread (examples/s over all callers).
+// decode/d:768/m:64/N:8/segment:S/B:B and decode_single/...: generating one token at a time
+// (tokens/s): SMEAR with causal segment routing through smear::layer::decoder, which merges
+// at each segment's first token, against a single adapter's forward of each token; one
+// iteration is S steps (one segment, its merge included).
 //
 // GFLOP/s counts the merge, 2·B·N·P, and the application, 4·B·L·d·m forward; a backward adds
 // 8·B·L·d·m (the adapter's four GEMMs) and 4·B·N·P (the two bank GEMMs). top-1 counts one
@@ -176,6 +180,40 @@ void run_shared(benchmark::State& state, workload w, std::size_t callers) {
   state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * callers * per_call * w.batch));
 }
 
+/// Decoding B sequences one token at a time for one segment of `segment` tokens per
+/// iteration: SMEAR's decoder (N = 8) or, with `single`, one adapter's forward per token.
+void run_decode(benchmark::State& state, workload w, std::size_t segment, bool single) {
+  constexpr std::size_t N = 8;
+  set_threads(w.threads);
+  using expert = smear::adapter<float>;
+  const std::vector<float> x = random_vector(w.batch * w.d, 1);
+  std::vector<float> y(x.size());
+  const auto run = [&](auto&& step) {
+    for (std::size_t t = 0; t < segment; ++t) step();  // warm-up: buffers are sized here
+    for (auto _ : state) {
+      for (std::size_t t = 0; t < segment; ++t) step();
+      benchmark::DoNotOptimize(y.data());
+      benchmark::ClobberMemory();
+    }
+    state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * segment * w.batch));
+  };
+  if (single) {
+    smear::layer<expert, 1> block{expert{w.d, w.m}, {}, 42};
+    block.train(false);
+    const auto tokens = smear::make_tokens<const float>(x.data(), w.batch, 1, w.d);
+    run([&] { block.forward(tokens, y); });
+    return;
+  }
+  smear::layer_options o{};
+  o.router.segment_length = segment;
+  smear::layer<expert, N> block{expert{w.d, w.m}, o, 42};
+  block.train(false);
+  smear::layer<expert, N>::decoder dec{block, w.batch};
+  run([&] { dec.step(x, y); });
+  state.counters["merges_per_token"] =
+      double(dec.merges()) / double((state.iterations() + 1) * segment);  // the warm-up's segment included
+}
+
 /// The GEMMs of a SMEAR block at this shape, as plain Eigen products over preallocated
 /// matrices, spread over examples like the layer: the most the layer's GEMMs can reach.
 void run_gemm(benchmark::State& state, workload w) {
@@ -289,6 +327,18 @@ void register_grid() {
         ->MeasureProcessCPUTime()
         ->Unit(benchmark::kMillisecond);
   }
+  for (std::size_t batch : {1, 32})
+    for (std::size_t segment : {16, 128})
+      for (bool single : {false, true}) {
+        const workload w{kind::smear, mode::fwd, 768, 64, 8, segment, batch, 1};
+        const std::string label = std::string(single ? "decode_single" : "decode") + "/d:768/m:64/N:" +
+                                  (single ? "1" : "8") + "/segment:" + std::to_string(segment) +
+                                  "/B:" + std::to_string(batch) + "/threads:1";
+        benchmark::RegisterBenchmark(label.c_str(), run_decode, w, segment, single)
+            ->UseRealTime()
+            ->MeasureProcessCPUTime()
+            ->Unit(benchmark::kMicrosecond);
+      }
   for (std::size_t threads : {1, 2})
     benchmark::RegisterBenchmark(("gemm_square/n:1024/threads:" + std::to_string(threads)).c_str(),
                                  run_gemm_square, std::size_t{1024}, threads)

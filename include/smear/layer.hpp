@@ -38,6 +38,11 @@ namespace smear {
 /// `layer<E, 1>` (with `adapter{d, N·m}` for the dense one), which runs its one expert
 /// directly: no router, no merge.
 ///
+/// Causal segment routing (router_options::segment_length = ℓ): the routing unit is a segment
+/// of ℓ tokens, routed by the previous segment's pooled tokens (the prior for the first); the
+/// planner and the executor see the batch [B, L] as B·L/ℓ units of ℓ tokens (the same memory),
+/// and decoder generates one token at a time, merging once per segment.
+///
 /// Inference cache: plans that merge through a per-task table (latent skills and AdaMix in
 /// evaluation, SMEAR after set_task_routing()) merge each row once and reuse the merged experts
 /// until the table or a parameter may have changed: backward(), train(), a forward in training
@@ -133,6 +138,7 @@ class layer : public layer_core<Expert, N> {
     std::size_t saved_stride = 0, scratch_stride = 0;
     bool dw_ready = false;                      ///< dweights holds this backward's ∂ℓ/∂W
     std::shared_ptr<const cache_entry> cache;  ///< the cache entry theta points into
+    typename core::unit_buffers units;          ///< the batch by routing units (segment routing)
 
     std::size_t bytes() const noexcept {
       std::size_t values = 0;
@@ -140,7 +146,7 @@ class layer : public layer_core<Expert, N> {
                             &dxtmp, &dbank})
         values += v->capacity();
       return sizeof(T) * values + sizeof(const T*) * theta.capacity() + sizeof(std::int32_t) * sel.capacity() +
-             sizeof(std::size_t) * (count.capacity() + runs.capacity()) + touched.capacity();
+             sizeof(std::size_t) * (count.capacity() + runs.capacity()) + touched.capacity() + units.bytes();
     }
   };
 
@@ -179,6 +185,52 @@ class layer : public layer_core<Expert, N> {
     std::unique_ptr<planner<T>> planner_;
     std::uint64_t planner_version_ = 0;  ///< the parameter version planner_ was copied at
     rng gen_;
+  };
+
+  /// Decodes B sequences one token at a time under causal segment routing
+  /// (router_options::segment_length = ℓ), as a language model generates: at the first token
+  /// of each segment it routes by the previous segment's tokens (by the prior for segment 0)
+  /// and merges once; the segment's other tokens reuse that merged expert. Step t gives what
+  /// forward() of the whole sequences (every token valid) gives at position t. It reads the
+  /// layer as the shared forward does (evaluation mode, const: decoders on one layer may run
+  /// on different threads) and merges anew when the layer's parameters change. Needs an
+  /// expert that acts on each token alone (adapter, LoRA, linear).
+  class decoder {
+   public:
+    /// Throws value_error without segment routing or for B = 0.
+    decoder(const layer& l, std::size_t batch, std::uint64_t seed = 0)
+        : layer_(&l), ws_(seed), batch_(batch), length_(l.router_.options().segment_length) {
+      static_assert(is_row_wise_expert<Expert>, "smear::layer::decoder: the expert must act on each token alone");
+      if (length_ == 0)
+        throw value_error("smear::layer::decoder: decoding reuses each segment's merged expert; the layer needs "
+                          "router_options::segment_length > 0");
+      if (batch_ == 0) throw value_error("smear::layer::decoder: empty batch");
+      previous_.resize(batch_ * length_ * l.input_dim());
+      current_.resize(previous_.size());
+    }
+
+    /// y ← the block's output for the next token of every sequence: x is [B, input_dim], y
+    /// [B, output_dim]. Throws state_error in training mode, shape_error for wrong sizes, in
+    /// checked mode numeric_error for a non-finite x, changing nothing.
+    void step(std::span<const T> x, std::span<T> y) { layer_->decode(*this, x, y); }
+    /// Tokens decoded so far.
+    std::size_t position() const noexcept { return position_; }
+    /// Merges done so far: one per segment begun, and one more per change of the parameters.
+    std::size_t merges() const noexcept { return merges_; }
+    /// The routing distribution of the current segment, [B, N].
+    matrix_ref<const T> routing() const noexcept { return ws_.routing(); }
+    /// Back to position 0 (new sequences).
+    void reset() noexcept { position_ = 0; }
+    /// Bytes of its buffers.
+    std::size_t bytes() const noexcept { return ws_.bytes() + sizeof(T) * (previous_.capacity() + current_.capacity()); }
+
+   private:
+    friend class layer;
+    const layer* layer_;
+    workspace ws_;
+    std::vector<T> previous_, current_;  ///< [B, ℓ, d]: the tokens of the previous and current segments
+    std::size_t batch_, length_, position_ = 0, merges_ = 0;
+    std::uint64_t merged_at_ = 0;        ///< the parameter version of the current merge
   };
 
   /// A block of N experts shaped like `prototype`, initialised from `seed`. Throws value_error
@@ -221,7 +273,8 @@ class layer : public layer_core<Expert, N> {
   /// The distribution over experts of the last forward, [B, N]: the router's (after expert
   /// dropout) for smear, ensemble and top-k (DSelect-k: its selection weights, normalised),
   /// one-hot for tag and hash routing, the allocation for latent skills, the share of
-  /// parameter groups per expert for AdaMix in training (uniform at inference).
+  /// parameter groups per expert for AdaMix in training (uniform at inference). Under segment
+  /// routing one row per segment: row b·S + s for segment s of example b.
   matrix_ref<const T> routing() const noexcept { return probabilities(this->plan_, route_); }
 
   /// The router's logits z of the last forward (before the temperature), [B, K], for the
@@ -288,29 +341,33 @@ class layer : public layer_core<Expert, N> {
     buf_.dw_ready = false;
     const Backend be{};
     frame f{this->plan_, route_, buf_};
-    const tokens<T> dxt{dx.data(), x.batch, x.length, this->input_dim(), x.lengths};
+    const tokens<const T> u = this->units(x, buf_.units);  // the executor's view (segment routing)
+    const tokens<T> dxt{dx.data(), u.batch, u.length, this->input_dim(), u.lengths};
+    const tokens<T> dx_router{dx.data(), x.batch, x.length, this->input_dim(), x.lengths};
     const auto& p = this->plan_;
     const feedback_needs needs = this->planner_->needs(p, this->was_training_);
-    plan_feedback<T> fb{.losses = example_losses, .training = this->was_training_};
+    plan_feedback<T> fb{.losses = repeat_per_unit(example_losses, u.batch / x.batch, buf_.units.losses),
+                        .training = this->was_training_};
     if (needs.features) fb.features = this->router_.features(route_);
     if (p.kind == plan_kind::mixture) {
-      backward_mixture(be, f, x, dy, dxt);
-      fb.dcoef = {buf_.dcoef.data(), x.batch, p.slots};
+      backward_mixture(be, f, u, dy, dxt);
+      fb.dcoef = {buf_.dcoef.data(), u.batch, p.slots};
     } else {
-      backward_experts(be, f, x, dy, dxt);
+      backward_experts(be, f, u, dy, dxt);
       bank_backward(be, f);
       if (needs.dweights) fb.dweights = dweights(be, f);
     }
     switch (this->planner_->backward(p, fb)) {
       case router_gradient::none: break;
       case router_gradient::measured:
-        this->router_.backward(be, p.kind == plan_kind::mixture ? scatter_dcoef(f) : dweights(be, f), dxt, route_);
+        this->router_.backward(be, p.kind == plan_kind::mixture ? scatter_dcoef(f) : dweights(be, f), dx_router,
+                               route_);
         break;
       case router_gradient::probabilities:
-        this->router_.backward(be, this->planner_->gradient(), dxt, route_);
+        this->router_.backward(be, this->planner_->gradient(), dx_router, route_);
         break;
       case router_gradient::logits:
-        this->router_.backward_logits(be, this->planner_->gradient(), dxt, route_);
+        this->router_.backward_logits(be, this->planner_->gradient(), dx_router, route_);
         break;
     }
     if (this->opt_.check_finite) {
@@ -339,6 +396,52 @@ class layer : public layer_core<Expert, N> {
   }
   static matrix_ref<const std::int32_t> choices_of(const routing_plan<T>& p) noexcept {
     return {p.choices.data(), p.batch, p.choice_cols};
+  }
+
+  // ---- decoding -------------------------------------------------------------------------
+
+  void decode(decoder& dec, std::span<const T> x, std::span<T> y) const {
+    constexpr const char* op = "smear::layer::decoder::step";
+    if (this->training_)
+      throw state_error(detail::message(op, ": decoding is for evaluation: call train(false) first"));
+    const std::size_t B = dec.batch_, din = this->input_dim(), ell = dec.length_;
+    if (x.size() != B * din || y.size() != B * this->output_dim())
+      throw shape_error(detail::message(op, ": x has ", x.size(), " and y ", y.size(), " values, expected [B, d] = ",
+                                        detail::shape(B, din), " and ", detail::shape(B, this->output_dim())));
+    if (this->opt_.check_finite) detail::check_finite<T>(x, op, "x");
+    workspace& ws = dec.ws_;
+    frame f{ws.plan_, ws.route_, ws.buf_};
+    const std::size_t t = dec.position_ % ell;
+    if (t == 0 && dec.position_ > 0) std::swap(dec.previous_, dec.current_);
+    if (t == 0 || dec.merged_at_ != this->version_) {  // a new segment, or new parameters: route and merge
+      if (!ws.planner_ || ws.planner_version_ != this->version_) {
+        ws.planner_ = this->planner_->clone();
+        ws.planner_version_ = this->version_;
+      }
+      const Backend be{};
+      route_context<T> ctx{.batch = B, .length = ell, .training = false, .step = this->steps_};
+      ctx.inv_temperature = static_cast<T>(1.0 / this->router_.options().temperature);
+      if (ws.planner_->router(ctx) != router_use::none) {
+        const bool first = dec.position_ < ell;
+        this->router_.pool_segments(be, B, first ? tokens<const T>{} : tokens<const T>{dec.previous_.data(), B, ell, din},
+                                    f.route);
+        this->router_.route(be, false, ws.gen_, f.route);
+        ctx.logits = this->router_.logits(f.route);
+        ctx.probabilities = this->router_.probabilities(f.route);
+      }
+      ws.planner_->plan(ctx, ws.gen_, f.plan);
+      prepare(be, f, B, 1);
+      dec.merged_at_ = this->version_;
+      ++dec.merges_;
+    }
+    for (std::size_t b = 0; b < B; ++b) std::copy_n(x.data() + b * din, din, dec.current_.data() + (b * ell + t) * din);
+    const Backend be{};
+    const tokens<const T> xt{x.data(), B, 1, din, {}};
+    if (f.plan.kind == plan_kind::mixture)
+      apply_mixture(be, f, xt, y);
+    else
+      apply(be, f, xt, y);
+    ++dec.position_;
   }
 
   // ---- checked mode --------------------------------------------------------------------
@@ -386,10 +489,12 @@ class layer : public layer_core<Expert, N> {
 
   // ---- executing a plan, forward -------------------------------------------------------
 
-  /// The router, the plan, then its execution, into `f`.
+  /// The router, the plan, then its execution, into `f`. The router reads the batch as it
+  /// is; the planner and the executor see its routing units (the examples, or their segments).
   void run_forward(frame f, planner<T>& pl, rng& gen, route_context<T> ctx, tokens<const T> x, std::span<T> y,
                    const char* op) const {
     const Backend be{};
+    const tokens<const T> u = this->units(x, ctx, f.buf.units);
     const router_use use = pl.router(ctx);
     if (use != router_use::none) {
       this->router_.forward(be, x, ctx.training && use == router_use::with_dropout, gen, f.route);
@@ -399,19 +504,25 @@ class layer : public layer_core<Expert, N> {
       ctx.pooled = this->router_.pool(be, x, f.route);
     }
     pl.plan(ctx, gen, f.plan);
-    reserve(f, x.batch, x.length);
+    prepare(be, f, u.batch, u.length);
+    if (f.plan.kind == plan_kind::mixture)
+      apply_mixture(be, f, u, y);
+    else
+      apply(be, f, u, y);
+    if (this->opt_.check_finite)  // inputs and parameters were finite: it arose in the computation
+      check_rows_finite(x, std::span<const T>(y), this->output_dim(), op, "y");
+  }
+
+  /// Sizes the buffers for B units of up to L tokens and readies the plan's parameters: the
+  /// merged or gathered experts, or the mixture's slots.
+  void prepare(const Backend& be, frame f, std::size_t B, std::size_t L) const {
+    reserve(f, B, L);
     if (f.plan.by_router) detail::argmax_rows<T>(this->router_.probabilities(f.route), f.plan.choices);
     switch (f.plan.kind) {
       case plan_kind::merge: merge(be, f); break;
       case plan_kind::gather: gather(f); break;
       case plan_kind::mixture: select_slots(f); break;
     }
-    if (f.plan.kind == plan_kind::mixture)
-      apply_mixture(be, f, x, y);
-    else
-      apply(be, f, x, y);
-    if (this->opt_.check_finite)  // inputs and parameters were finite: it arose in the computation
-      check_rows_finite(x, std::span<const T>(y), this->output_dim(), op, "y");
   }
 
   void reserve(frame f, std::size_t B, std::size_t L) const {

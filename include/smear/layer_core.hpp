@@ -14,6 +14,7 @@
 #include <span>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "smear/bank.hpp"
 #include "smear/concepts.hpp"
@@ -181,6 +182,7 @@ class layer_core {
       if (r.layer_norm) d.add("router.layer_norm_eps", r.layer_norm_eps);
       d.add("router.temperature", r.temperature).add("router.normalize_weights", r.normalize_weights);
       d.add("router.bias", r.bias);
+      if (r.segment_length > 0) d.add("router.segment_length", r.segment_length);
     }
     return d;
   }
@@ -201,6 +203,13 @@ class layer_core {
         residual_(options.residual.value_or(is_residual_expert<Expert>)),
         gen_(seed) {
     validate(opt_.routing, N);
+    if (opt_.router.segment_length > 0 && !has_router(opt_.routing))
+      throw value_error(detail::message("layer: causal segment routing routes each segment by the router on the "
+                                        "previous one; strategy ", to_string(opt_.routing.strategy),
+                                        " has no router (use smear, ensemble or top_k)"));
+    if (opt_.router.segment_length > 0 && !is_row_wise_expert<Expert>)
+      throw value_error("layer: causal segment routing splits examples into segments of tokens; the expert does "
+                        "not act on each token alone (a conv adapter needs whole maps)");
     if (residual_ && bank_.expert().input_dim() != bank_.expert().output_dim())
       throw value_error(detail::message("layer: residual needs input_dim == output_dim, the expert has ",
                                         bank_.expert().input_dim(), " -> ", bank_.expert().output_dim()));
@@ -248,6 +257,9 @@ class layer_core {
     if (y_size != y_expected)
       throw shape_error(detail::message(op, ": y has ", y_size, " values, expected [B, L, d_out] = ",
                                         detail::shape(x.batch, x.length, output_dim())));
+    if (const std::size_t seg = router_.options().segment_length; seg > 0 && x.length % seg != 0)
+      throw shape_error(detail::message(op, ": x is [B, L, d] = ", shape, "; segment routing needs L to be a ",
+                                        "multiple of the segment length ", seg));
     route_context<T> c{.batch = x.batch, .length = x.length, .lengths = x.lengths, .in = in, .training = training_,
                        .step = steps_};
     c.inv_temperature = static_cast<T>(1.0 / router_.options().temperature);
@@ -267,6 +279,35 @@ class layer_core {
   void end_forward(tokens<const T> x) noexcept {
     last_ = x;
     pending_backward_ = true;
+  }
+
+  /// What seeing a batch by its routing units needs (causal segment routing; see
+  /// router_options::segment_length): the units' lengths, and the per-example route inputs and
+  /// losses repeated for each unit.
+  struct unit_buffers {
+    std::vector<std::int32_t> lengths, tags;
+    std::vector<std::uint64_t> ids;
+    std::vector<T> losses;
+    std::size_t bytes() const noexcept {
+      return sizeof(std::int32_t) * (lengths.capacity() + tags.capacity()) +
+             sizeof(std::uint64_t) * ids.capacity() + sizeof(T) * losses.capacity();
+    }
+  };
+  /// The routing units of `x` (x itself without segment routing), into `ub`.
+  tokens<const T> units(tokens<const T> x, unit_buffers& ub) const {
+    return segment_units(x, router_.options().segment_length, ub.lengths);
+  }
+  /// The same, with the planner's view `c` of x turned into its view of the units (token ids,
+  /// [B, L], are already [B·S, ℓ]).
+  tokens<const T> units(tokens<const T> x, route_context<T>& c, unit_buffers& ub) const {
+    const tokens<const T> u = units(x, ub);
+    const std::size_t S = u.batch / x.batch;
+    c.batch = u.batch;
+    c.length = u.length;
+    c.lengths = u.lengths;
+    c.in.tags = repeat_per_unit(c.in.tags, S, ub.tags);
+    c.in.example_ids = repeat_per_unit(c.in.example_ids, S, ub.ids);
+    return u;
   }
 
   /// Checks a backward's arguments against the last forward, before any work.

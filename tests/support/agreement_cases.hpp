@@ -37,6 +37,33 @@ TEST_CASE(SMEAR_AGREEMENT_SUBJECT " equals the reference layer: adapter") {
   SUBCASE("T5-base sized block") { check<E, 8>(E{768, 24}, {.B = 4, .L = 33}, 43); }
 }
 
+TEST_CASE(SMEAR_AGREEMENT_SUBJECT " equals the reference layer: causal segment routing") {
+  using E = adapter<float>;
+  const auto seg = [](std::size_t length, strategy_options s = {}) {
+    layer_options o;
+    o.router.segment_length = length;
+    o.routing = s;
+    return o;
+  };
+  SUBCASE("smear, ragged: units past an example's end") { check<E, 4>(E{9, 3}, {.B = 4, .L = 6}, 61, seg(2)); }
+  SUBCASE("one segment per example, no lengths") { check<E, 3>(E{7, 2}, {.B = 3, .L = 4, .full = true}, 62, seg(4)); }
+  SUBCASE("plain mean, evaluation") {
+    auto o = seg(3);
+    o.router.pool = pooling::mean;
+    check<E, 4>(E{8, 3}, {.B = 3, .L = 9, .train = false}, 63, o);
+  }
+  SUBCASE("ensemble, switch top-2, ST-Gumbel") {
+    check<E, 3>(E{7, 2}, {.B = 3, .L = 6}, 64, seg(2, {.strategy = strategy::ensemble}));
+    check<E, 4>(E{7, 2}, {.B = 3, .L = 6}, 65,
+                seg(3, {.strategy = strategy::top_k, .k = 2, .estimator = estimator::switch_gate}));
+    check<E, 4>(E{7, 2}, {.B = 3, .L = 6}, 66, seg(2, {.strategy = strategy::top_k}));
+  }
+  SUBCASE("REINFORCE: each unit's loss is its example's") {
+    check<E, 3>(E{7, 2}, {.B = 3, .L = 6, .losses = true}, 67,
+                seg(2, {.strategy = strategy::top_k, .estimator = estimator::reinforce}));
+  }
+}
+
 TEST_CASE(SMEAR_AGREEMENT_SUBJECT " equals the reference layer: lora, linear, double") {
   rng gen{50};
   SUBCASE("lora over a frozen map with bias") {

@@ -147,7 +147,7 @@ class device_layer : public layer_core<Expert, N> {
                         dy_masked_.capacity() + weights_.capacity() + onehot_.capacity() + coef_.capacity() +
                         outputs_.capacity() + dye_.capacity() + dxe_.capacity() + dslots_.capacity() +
                         cache_.capacity() + table_.capacity()) +
-           sizeof(std::int32_t) * lengths_.capacity() + router_dev_.workspace_bytes();
+           sizeof(std::int32_t) * lengths_.capacity() + router_dev_.workspace_bytes() + units_.bytes();
   }
 
   /// y ← block(x), enqueued on the context's stream. x [B, L, input_dim] and y (B·L·output_dim
@@ -162,11 +162,13 @@ class device_layer : public layer_core<Expert, N> {
     ctx_->check_pointer(y.data(), op, "y");
     if (this->opt_.check_finite) check_finite(x.data, x.size(), op, "x");
     this->begin_forward();
-    const std::size_t B = x.batch, L = x.length;
-    const std::int32_t* lens = upload_lengths(x);
+    // the planner and the executor see the routing units: the examples, or their segments
+    const tokens<const T> u = this->units(x, c, units_);
+    const std::size_t B = u.batch, L = u.length, S = u.batch / x.batch;
+    const std::int32_t* lens = upload_lengths(u);
     const router_use use = this->planner_->router(c);
     if (use != router_use::none) {
-      router_dev_.forward(*ctx_, this->router_, x.data, lens, B, L, c.training && use == router_use::with_dropout,
+      router_dev_.forward(*ctx_, this->router_, x.data, lens, B, L, S, c.training && use == router_use::with_dropout,
                           this->gen_, op);
       if (this->planner_->reads_router()) {  // the planner decides on the host
         const std::size_t K = this->router_.outputs();
@@ -178,7 +180,7 @@ class device_layer : public layer_core<Expert, N> {
         c.probabilities = {probs_host_.data(), B, K};
       }
     } else if (this->planner_->reads_pooled()) {
-      c.pooled = download(router_dev_.pool(*ctx_, this->router_, x.data, lens, B, L), B, this->input_dim(),
+      c.pooled = download(router_dev_.pool(*ctx_, this->router_, x.data, lens, B, L, S), B, this->input_dim(),
                           pooled_host_, op);
     }
     this->make_plan(c);
@@ -186,7 +188,7 @@ class device_layer : public layer_core<Expert, N> {
     reserve(B, L);
     const auto& p = this->plan_;
     if (p.kind == plan_kind::mixture) {
-      run_mixture(x, lens, y.data(), op);
+      run_mixture(u, lens, y.data(), op);
     } else {
       if (p.kind == plan_kind::merge)
         merge(op);
@@ -213,7 +215,8 @@ class device_layer : public layer_core<Expert, N> {
     if (this->opt_.check_finite) check_finite(dy.data(), dy.size(), op, "dy");
     this->begin_backward();
     const tokens<const T> x = this->last_;
-    const std::size_t B = x.batch, L = x.length;
+    const tokens<const T> u = this->units(x, units_);
+    const std::size_t B = u.batch, L = u.length, S = u.batch / x.batch;
     const std::int32_t* lens = last_lengths_;
     const T* g = dy.data();
     if (lens != nullptr) {  // padding rows of dy must not reach the parameter gradients
@@ -222,7 +225,7 @@ class device_layer : public layer_core<Expert, N> {
     }
     const auto& p = this->plan_;
     const feedback_needs needs = this->planner_->needs(p, this->was_training_);
-    plan_feedback<T> fb{.losses = example_losses, .training = this->was_training_};
+    plan_feedback<T> fb{.losses = repeat_per_unit(example_losses, S, units_.losses), .training = this->was_training_};
     // ∂ℓ/∂W (merge) or the slots' ⟨dy, f⟩ (mixture): the by-router plans' ∂ℓ/∂p
     T* measured = dslots_.data();
     if (p.kind == plan_kind::mixture) {
@@ -247,7 +250,7 @@ class device_layer : public layer_core<Expert, N> {
       ctx_->to_device(to, grad.data, grad.rows * grad.cols, op);
     }
     if (rg != router_gradient::none)
-      router_dev_.backward(*ctx_, this->router_, rg == router_gradient::logits ? nullptr : measured, lens, B, L,
+      router_dev_.backward(*ctx_, this->router_, rg == router_gradient::logits ? nullptr : measured, lens, B, L, S,
                            dx.data());
     if (this->opt_.check_finite) {
       check_finite(dx.data(), dx.size(), op, "dx");
@@ -451,6 +454,7 @@ class device_layer : public layer_core<Expert, N> {
       cache_, table_;
   const std::int32_t* last_lengths_ = nullptr;
   std::vector<std::int32_t> lengths_host_;  ///< the lengths now on the device
+  typename layer_core<Expert, N>::unit_buffers units_;  ///< the batch by routing units (segment routing)
   std::vector<T> logits_host_, probs_host_, routing_host_, onehot_host_, coef_host_, dcoef_host_, dweights_host_,
       features_host_, pooled_host_, check_host_, cache_table_;
   bool routing_valid_ = false;

@@ -44,18 +44,19 @@ class device_router {
   T* logit_gradients() noexcept { return dlogits_.data(); }
 
   std::size_t workspace_bytes() const noexcept {
-    return sizeof(T) * (pooled_.capacity() + normed_.capacity() + features_.capacity() + rstd_.capacity() +
+    return sizeof(T) * (pooled_.capacity() + units_.capacity() + normed_.capacity() + features_.capacity() + rstd_.capacity() +
                         logits_.capacity() + soft_.capacity() + used_.capacity() + keep_.capacity() +
                         kept_.capacity() + dlogits_.capacity() + dfeatures_.capacity() +
                         ln_stats_.capacity() + ln_tmp_.capacity() + ln_tmp2_.capacity() + ones_.capacity() +
                         wnormed_.capacity() + wtilde_.capacity() + wrstd_.capacity() + dwtilde_.capacity());
   }
 
-  /// Routes x ([B, L, d] in the context's memory, `lens` its lengths there or null). With
-  /// `dropout`, draws the keep mask of expert dropout from `gen` on the host, in the host
-  /// router's order.
-  void forward(Ctx& ctx, const smear::router<T>& host, const T* x, const std::int32_t* lens, std::size_t B, std::size_t L, bool dropout,
-               rng& gen, const char* op) {
+  /// Routes the B routing units of x ([B, L, d] in the context's memory, `lens` its lengths
+  /// there or null): examples, or under segment routing the segments (L = ℓ), S per example
+  /// (smear::segment_units). With `dropout`, draws the keep mask of expert dropout from `gen`
+  /// on the host, in the host router's order.
+  void forward(Ctx& ctx, const smear::router<T>& host, const T* x, const std::int32_t* lens, std::size_t B,
+               std::size_t L, std::size_t S, bool dropout, rng& gen, const char* op) {
     reserve(ctx, host, B);
     const auto& o = host.options();
     const std::size_t d = host.input_dim(), R = host.outputs();
@@ -68,7 +69,7 @@ class device_router {
       ctx.to_device(keep_.data(), static_cast<const T*>(keep_host_.data()), B * R, op);
       keep_ones_ = drop ? 0 : B * R;
     }
-    pool(ctx, host, x, lens, B, L);
+    pool(ctx, host, x, lens, B, L, S);
     const T* rv = values_.data();
     const T eps = static_cast<T>(o.layer_norm_eps);
     if (o.layer_norm)
@@ -83,18 +84,28 @@ class device_router {
                             keep_.data(), B, R, inv_t(host), soft_.data(), used_.data(), kept_.data());
   }
 
-  /// The router's first step alone: each example's pooled input, [B, d] in the context's memory.
+  /// The router's first step alone: each unit's input, [B, d] in the context's memory (as
+  /// smear::router::pool: its pooled tokens, or under segment routing the previous unit's, the
+  /// prior for an example's first).
   const T* pool(Ctx& ctx, const smear::router<T>& host, const T* x, const std::int32_t* lens, std::size_t B,
-                std::size_t L) {
+                std::size_t L, std::size_t S) {
     reserve(ctx, host, B);
-    detail::pool(ctx.policy(), x, lens, B, L, host.input_dim(), host.options().pool == pooling::mean, pooled_.data());
+    const bool all = host.options().pool == pooling::mean;
+    if (host.options().segment_length == 0) {
+      detail::pool(ctx.policy(), x, lens, B, L, host.input_dim(), all, pooled_.data());
+      return pooled_.data();
+    }
+    detail::pool(ctx.policy(), x, lens, B, L, host.input_dim(), all, units_.data());
+    detail::shift_units(ctx.policy(), static_cast<const T*>(units_.data()),
+                        static_cast<const T*>(values_.data() + host.segment_prior_offset()), B, S, host.input_dim(),
+                        pooled_.data());
     return pooled_.data();
   }
 
   /// From ∂ℓ/∂p ([B, K] in the context's memory) or, when `dprobs` is null, from ∂ℓ/∂z in
   /// logit_gradients(): the router's gradients, and ∂ℓ/∂x added into dx unless detached.
   void backward(Ctx& ctx, const smear::router<T>& host, const T* dprobs, const std::int32_t* lens, std::size_t B,
-                std::size_t L, T* dx) {
+                std::size_t L, std::size_t S, T* dx) {
     const auto& o = host.options();
     const std::size_t d = host.input_dim(), R = host.outputs();
     auto pol = ctx.policy();
@@ -118,8 +129,12 @@ class device_router {
     ctx.gemm(false, false, B, d, R, T(1), dz, R, effective_weight(host), d, T(0), dfeatures_.data(), d);
     if (o.layer_norm)
       layer_norm_backward(ctx, dfeatures_.data(), B, d, rv, normed_.data(), rstd_.data(), rg, rg + d);
-    if (!o.detach_input)
-      detail::spread_pooled(pol, static_cast<const T*>(dfeatures_.data()), lens, B, L, d, o.pool == pooling::mean, dx);
+    const T* dh = dfeatures_.data();
+    if (o.segment_length > 0) {  // back through the shift: the prior's gradient, each unit's ∂ℓ/∂h
+      detail::unshift_units(pol, dh, B, S, d, units_.data(), rg + host.segment_prior_offset());
+      dh = units_.data();
+    }
+    if (!o.detach_input) detail::spread_pooled(pol, dh, lens, B, L, d, o.pool == pooling::mean, dx);
   }
 
   /// A device vector of at least n ones (shared with the layer for column sums).
@@ -174,6 +189,7 @@ class device_router {
     const auto& o = host.options();
     if (keep_.capacity() < B * R) keep_ones_ = 0;
     pooled_.reserve(B * d, "the pooled inputs");
+    if (o.segment_length > 0) units_.reserve(B * d, "the segments' pooled tokens");
     if (o.layer_norm) {
       normed_.reserve(B * d, "the normalised pooled inputs");
       features_.reserve(B * d, "the router features");
@@ -202,7 +218,7 @@ class device_router {
   }
   static T inv_t(const smear::router<T>& host) noexcept { return static_cast<T>(1.0 / host.options().temperature); }
 
-  buf<T> values_, grads_, pooled_, normed_, features_, rstd_, logits_, soft_, used_, keep_, kept_, dlogits_,
+  buf<T> values_, grads_, pooled_, units_, normed_, features_, rstd_, logits_, soft_, used_, keep_, kept_, dlogits_,
       dfeatures_, ln_stats_, ln_tmp_, ln_tmp2_, ones_, wnormed_, wtilde_, wrstd_, dwtilde_;
   std::vector<T> keep_host_;
   std::size_t keep_ones_ = 0;   ///< leading entries of keep_ known to be 1 on the device

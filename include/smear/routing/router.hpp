@@ -1,9 +1,9 @@
 #pragma once
 /// \file routing/router.hpp
-/// The per-example router: pool the tokens, optionally LayerNorm, a linear map to N logits
-/// (its weight optionally normalised per expert), softmax with temperature, and expert
-/// dropout in training. Its backward returns the gradient to the pooled input spread over
-/// the tokens.
+/// The router: pool each routing unit's tokens (an example, or under causal segment routing
+/// the previous segment), optionally LayerNorm, a linear map to N logits (its weight
+/// optionally normalised per expert), softmax with temperature, and expert dropout in
+/// training. Its backward returns the gradient to the pooled input spread over the tokens.
 
 #include <algorithm>
 #include <cmath>
@@ -18,6 +18,7 @@
 #include "smear/layout.hpp"
 #include "smear/parameter.hpp"
 #include "smear/random.hpp"
+#include "smear/routing/segments.hpp"
 #include "smear/tensor.hpp"
 
 namespace smear {
@@ -42,6 +43,11 @@ struct router_options {
   /// shift (starting at 0) shared by the experts.
   bool normalize_weights = false;
   bool bias = true;              ///< a learned bias per output (the official code's no_router_bias: false)
+  /// Causal segment routing (Lory, arXiv 2405.03133) when > 0: the routing unit is a segment
+  /// of this many tokens (L must be a multiple); segment s > 0 of an example is routed by the
+  /// pooled tokens of segment s − 1, segment 0 by a learned prior input (`segment_prior`), so
+  /// no token's expert depends on its own segment or a later one. 0: one unit per example.
+  std::size_t segment_length = 0;
 };
 
 /// Throws value_error when an option is outside its domain.
@@ -57,12 +63,14 @@ inline void validate(const router_options& o) {
                                       o.layer_norm_eps));
 }
 
-/// Routes each example of a batch to a distribution over N experts.
+/// Routes each routing unit of a batch (an example, or a segment: see
+/// router_options::segment_length and segment_units()) to a distribution over N experts.
 ///
 /// Parameters, one contiguous vector: `layer_norm.weight` [d] and `layer_norm.bias` [d] (only
 /// with layer_norm), `weight_norm.weight` [d] and `weight_norm.bias` [d] (only with
-/// normalize_weights), `weight` [K, d], `bias` [K] (unless bias is off), for K outputs (one per
-/// expert for softmax routing; DSelect-k uses ⌈log₂ N⌉ gate logits).
+/// normalize_weights), `weight` [K, d], `bias` [K] (unless bias is off), `segment_prior` [d]
+/// (only with segment_length; starts as N(0, 1)), for K outputs (one per expert for softmax
+/// routing; DSelect-k uses ⌈log₂ N⌉ gate logits).
 template <class T>
 class router {
  public:
@@ -88,10 +96,12 @@ class router {
           .add("weight_norm.bias", {d_}, init_rule::zeros());
     b.add("weight", {k_, d_}, init_rule::normal(opt_.init_std));
     if (opt_.bias) b.add("bias", {k_}, init_rule::zeros());
+    if (opt_.segment_length > 0) b.add("segment_prior", {d_}, init_rule::normal(1.0));
     layout_ = b.build();
     for (const auto& s : layout_) {
       if (s.name == "weight_norm.weight") wn_offset_ = s.offset;
       if (s.name == "weight") w_offset_ = s.offset;
+      if (s.name == "segment_prior") prior_offset_ = s.offset;
     }
     values_.assign(layout_size(layout_), T(0));
     grads_.assign(values_.size(), T(0));
@@ -129,7 +139,9 @@ class router {
   /// only its parameters, so one router serves any number of workspaces (a layer keeps one;
   /// each thread sharing an evaluation layer has its own: smear::layer::workspace).
   struct workspace {
-    std::size_t batch = 0;
+    std::size_t batch = 0;     ///< routing units of the last forward (B·S under segment routing)
+    std::size_t segments = 1;  ///< S: routing units per example
+    std::vector<std::int32_t> unit_lengths;  ///< segment routing: each unit's valid tokens
     std::vector<T> pooled, normed, features, rstd, logits, soft, used, keep, kept, dlogits, dfeatures;
     /// normalize_weights: W's rows normalised, W̃ (what the logits use), their 1/σ, ∂ℓ/∂W̃
     std::vector<T> wnormed, wtilde, wrstd, dwtilde;
@@ -140,7 +152,7 @@ class router {
       for (const auto* v : {&pooled, &normed, &features, &rstd, &logits, &soft, &used, &keep, &kept, &dlogits,
                             &dfeatures, &wnormed, &wtilde, &wrstd, &dwtilde})
         n += v->capacity();
-      return sizeof(T) * n;
+      return sizeof(T) * n + sizeof(std::int32_t) * unit_lengths.capacity();
     }
   };
 
@@ -155,8 +167,15 @@ class router {
   /// expert_dropout > 0, drops experts using `gen`.
   template <class Backend>
   void forward(Backend be, tokens<const T> x, bool training, rng& gen, workspace& w) const {
-    const std::size_t B = x.batch;
     pool(be, x, w);
+    route(be, training, gen, w);
+  }
+
+  /// The rest of forward() from the routing units' inputs already in `w` (pool() or
+  /// pool_segments()): LayerNorm, logits, softmax, expert dropout.
+  template <class Backend>
+  void route(Backend be, bool training, rng& gen, workspace& w) const {
+    const std::size_t B = w.batch;
     const T eps = static_cast<T>(opt_.layer_norm_eps);
     if (opt_.layer_norm)
       layer_norm_rows(B, w.pooled.data(), values_.data(), values_.data() + d_, eps, w.normed.data(),
@@ -197,18 +216,41 @@ class router {
     }
   }
 
-  /// The router's first step alone: each example's pooled input (options().pool), [B, d].
+  /// The router's first step alone: each routing unit's input, [B·S, d]. Unit b (S = 1) is
+  /// example b's pooled tokens (options().pool); under segment routing unit b·S + s is the
+  /// pooled tokens of segment s − 1 of example b, and the prior for s = 0.
   template <class Backend>
   matrix_ref<const T> pool(Backend be, tokens<const T> x, workspace& w) const {
-    reserve(x.batch, w);
-    backend::parallel_for(be, x.batch, [&](std::size_t b, std::size_t) {
-      const std::size_t rows = opt_.pool == pooling::mean ? x.length : x.valid(b);
-      std::span<T> h(w.pooled.data() + b * d_, d_);
-      backend::column_sums<T>(be, x.example(b).middle_rows(0, rows), h);
-      const T inv = T(1) / static_cast<T>(rows);
-      for (auto& v : h) v *= inv;
+    const tokens<const T> u = segment_units(x, opt_.segment_length, w.unit_lengths);
+    const std::size_t S = u.batch / x.batch;
+    reserve(u.batch, w);
+    w.segments = S;
+    backend::parallel_for(be, u.batch, [&](std::size_t r, std::size_t) {
+      T* out = w.pooled.data() + r * d_;
+      if (opt_.segment_length == 0)
+        mean_rows(be, u, r, out);
+      else if (r % S == 0)
+        std::copy_n(prior(), d_, out);
+      else
+        mean_rows(be, u, r - 1, out);
     });
-    return {w.pooled.data(), x.batch, d_};
+    return {w.pooled.data(), u.batch, d_};
+  }
+
+  /// Under segment routing, for decoding: `rows` units whose inputs are the prior (`segments`
+  /// empty) or the pooled tokens of each example of `segments` (one previous segment each),
+  /// exactly as pool() computes them.
+  template <class Backend>
+  matrix_ref<const T> pool_segments(Backend be, std::size_t rows, tokens<const T> segments, workspace& w) const {
+    reserve(rows, w);
+    w.segments = 1;
+    for (std::size_t r = 0; r < rows; ++r) {
+      if (segments.data == nullptr)
+        std::copy_n(prior(), d_, w.pooled.data() + r * d_);
+      else
+        mean_rows(be, segments, r, w.pooled.data() + r * d_);
+    }
+    return {w.pooled.data(), rows, d_};
   }
 
   /// Given ∂ℓ/∂p ([B, K], for the probabilities of the last forward), accumulates the
@@ -257,14 +299,24 @@ class router {
     if (opt_.layer_norm)
       layer_norm_rows_backward(B, w.dfeatures.data(), values_.data(), w.normed.data(), w.rstd.data(), grads_.data(),
                                grads_.data() + d_);
+    const std::size_t S = w.segments;
+    if (opt_.segment_length > 0)  // the first units' inputs are the prior
+      for (std::size_t r = 0; r < B; r += S)
+        for (std::size_t j = 0; j < d_; ++j) grads_[prior_offset_ + j] += w.dfeatures[r * d_ + j];
     if (opt_.detach_input) return;
-    // spread ∂ℓ/∂h over the pooled tokens
-    backend::parallel_for(be, B, [&](std::size_t b, std::size_t) {
-      const std::size_t rows = opt_.pool == pooling::mean ? dx.length : dx.valid(b);
-      std::span<T> dh(w.dfeatures.data() + b * d_, d_);
+    // spread ∂ℓ/∂h of each unit over the tokens it pooled: its own (S = 1) or the previous segment's
+    const bool segmented = opt_.segment_length > 0;
+    const tokens<T> u{dx.data, B, dx.length / S, dx.dim,
+                      segmented ? std::span<const std::int32_t>(w.unit_lengths) : dx.lengths};
+    backend::parallel_for(be, B, [&](std::size_t r, std::size_t) {
+      if (segmented && r % S == 0) return;
+      const std::size_t from = segmented ? r - 1 : r;
+      const std::size_t rows = opt_.pool == pooling::mean ? u.length : u.valid(from);
+      if (rows == 0) return;
+      std::span<T> dh(w.dfeatures.data() + r * d_, d_);
       const T inv = T(1) / static_cast<T>(rows);
       for (auto& v : dh) v *= inv;
-      backend::add_to_rows<T>(be, dx.example(b).middle_rows(0, rows), std::span<const T>(dh));
+      backend::add_to_rows<T>(be, u.example(from).middle_rows(0, rows), std::span<const T>(dh));
     });
   }
 
@@ -334,6 +386,21 @@ class router {
     }
   }
 
+  /// out ← the mean of unit r's pooled rows (options().pool; 0 when it has no valid token).
+  template <class Backend>
+  void mean_rows(Backend be, tokens<const T> u, std::size_t r, T* out) const {
+    const std::size_t rows = opt_.pool == pooling::mean ? u.length : u.valid(r);
+    std::span<T> h(out, d_);
+    if (rows == 0) {  // a unit past its example's end (its successor is padding too)
+      std::ranges::fill(h, T(0));
+      return;
+    }
+    backend::column_sums<T>(be, u.example(r).middle_rows(0, rows), h);
+    const T inv = T(1) / static_cast<T>(rows);
+    for (auto& v : h) v *= inv;
+  }
+  const T* prior() const { return values_.data() + prior_offset_; }
+
   matrix_ref<const T> weight() const { return {values_.data() + w_offset_, k_, d_}; }
   matrix_ref<T> weight_grad() { return {grads_.data() + w_offset_, k_, d_}; }
   const T* bias() const { return values_.data() + bias_offset(); }
@@ -345,6 +412,8 @@ class router {
   std::size_t weight_norm_offset() const noexcept { return wn_offset_; }
   std::size_t weight_offset() const noexcept { return w_offset_; }
   std::size_t bias_offset() const noexcept { return w_offset_ + k_ * d_; }
+  /// segment_length > 0: where `segment_prior` [d] starts.
+  std::size_t segment_prior_offset() const noexcept { return prior_offset_; }
   /// The weight the logits use, [K, d]: W, or with normalize_weights its normalised rows
   /// W̃_e = LayerNorm(W_e) of the forward that wrote `w`.
   matrix_ref<const T> effective_weight(const workspace& w) const {
@@ -361,7 +430,7 @@ class router {
   router_options opt_;
   parameter_layout layout_;
   std::vector<T> values_, grads_;
-  std::size_t wn_offset_ = 0, w_offset_ = 0;
+  std::size_t wn_offset_ = 0, w_offset_ = 0, prior_offset_ = 0;
 };
 
 }  // namespace smear

@@ -92,11 +92,11 @@ struct pool_fn {
     const std::size_t rows = all_rows ? L : rows_of(lengths, b, L);
     T s = T(0);
     for (std::size_t t = 0; t < rows; ++t) s += x[(b * L + t) * d + j];
-    h[i] = s * (T(1) / static_cast<T>(rows));
+    h[i] = rows == 0 ? T(0) : s * (T(1) / static_cast<T>(rows));  // a segment past its example's end
   }
 };
 
-/// h[b] = mean of x[b]'s valid rows (all L rows when `all_rows`): [B, d].
+/// h[b] = mean of x[b]'s valid rows (all L rows when `all_rows`; 0 without any): [B, d].
 template <class T, class Policy>
 void pool(Policy&& policy, const T* x, const std::int32_t* lengths, std::size_t B, std::size_t L,
           std::size_t d, bool all_rows, T* h) {
@@ -221,6 +221,57 @@ template <class T, class Policy>
 void spread_pooled(Policy&& policy, const T* dh, const std::int32_t* lengths, std::size_t B,
                    std::size_t L, std::size_t d, bool all_rows, T* dx) {
   for_each_index(policy, B * L * d, spread_fn<T>{dh, lengths, dx, L, d, all_rows});
+}
+
+template <class T>
+struct shift_units_fn {
+  const T* pooled;
+  const T* prior;
+  T* out;
+  std::size_t S, d;
+  SMEAR_HOST_DEVICE void operator()(std::size_t i) const {
+    const std::size_t r = i / d, j = i % d;
+    out[i] = r % S == 0 ? prior[j] : pooled[i - d];
+  }
+};
+
+/// Causal segment routing: unit r's router input ([U, d]) is the pooled tokens of unit r − 1,
+/// or `prior` [d] for each example's first unit (r a multiple of S).
+template <class T, class Policy>
+void shift_units(Policy&& policy, const T* pooled, const T* prior, std::size_t U, std::size_t S, std::size_t d,
+                 T* out) {
+  for_each_index(policy, U * d, shift_units_fn<T>{pooled, prior, out, S, d});
+}
+
+template <class T>
+struct unshift_units_fn {
+  const T* dh;
+  T* out;
+  std::size_t S, d;
+  SMEAR_HOST_DEVICE void operator()(std::size_t i) const {
+    const std::size_t r = i / d;
+    out[i] = r % S == S - 1 ? T(0) : dh[i + d];
+  }
+};
+
+template <class T>
+struct prior_grad_fn {
+  const T* dh;
+  T* grad;
+  std::size_t U, S, d;
+  SMEAR_HOST_DEVICE void operator()(std::size_t j) const {
+    T s = T(0);
+    for (std::size_t r = 0; r < U; r += S) s += dh[r * d + j];
+    grad[j] += s;
+  }
+};
+
+/// shift_units' backward: out[r] = dh[r + 1] within an example (0 for its last unit), and
+/// the first units' dh summed into `prior_grad` [d].
+template <class T, class Policy>
+void unshift_units(Policy&& policy, const T* dh, std::size_t U, std::size_t S, std::size_t d, T* out, T* prior_grad) {
+  for_each_index(policy, d, prior_grad_fn<T>{dh, prior_grad, U, S, d});
+  for_each_index(policy, U * d, unshift_units_fn<T>{dh, out, S, d});
 }
 
 // ---- experts and the block ------------------------------------------------------------------
