@@ -34,7 +34,9 @@ namespace smear {
 /// The other strategies: latent skills merge the same way with a learned per-task allocation,
 /// AdaMix gathers one random expert per parameter group (the plain average at inference), tag
 /// and hash routing run one fixed expert, the ensemble and top-k routing run the chosen experts
-/// separately and mix their outputs. A single expert and a parameter-matched dense adapter are
+/// separately and mix their outputs, and Soft MoE (row-wise experts only) runs each expert on s
+/// slots mixed from every example's valid tokens by a softmax over the tokens and gives each
+/// token a softmax mix of the slots' outputs (smear/routing/soft_moe.hpp). A single expert and a parameter-matched dense adapter are
 /// `layer<E, 1>` (with `adapter{d, N·m}` for the dense one), which runs its one expert
 /// directly: no router, no merge.
 ///
@@ -130,6 +132,7 @@ class layer : public layer_core<Expert, N> {
     std::vector<std::int32_t> sel;  ///< mixture [B, k]: the expert of each slot
     std::vector<std::size_t> count;
     std::vector<char> touched;  ///< [threads, N]: which rows of dbank this backward wrote
+    typename smear::soft_moe<T>::workspace soft;  ///< a soft plan's dispatch, slots and combine
     std::size_t saved_stride = 0, scratch_stride = 0;
     bool dw_ready = false;                      ///< dweights holds this backward's ∂ℓ/∂W
     std::shared_ptr<const cache_entry> cache;  ///< the cache entry theta points into
@@ -140,7 +143,7 @@ class layer : public layer_core<Expert, N> {
                             &dxtmp, &dbank})
         values += v->capacity();
       return sizeof(T) * values + sizeof(const T*) * theta.capacity() + sizeof(std::int32_t) * sel.capacity() +
-             sizeof(std::size_t) * (count.capacity() + runs.capacity()) + touched.capacity();
+             sizeof(std::size_t) * (count.capacity() + runs.capacity()) + touched.capacity() + soft.bytes();
     }
   };
 
@@ -293,7 +296,9 @@ class layer : public layer_core<Expert, N> {
     const feedback_needs needs = this->planner_->needs(p, this->was_training_);
     plan_feedback<T> fb{.losses = example_losses, .training = this->was_training_};
     if (needs.features) fb.features = this->router_.features(route_);
-    if (p.kind == plan_kind::mixture) {
+    if (p.kind == plan_kind::soft) {
+      backward_soft(be, x, dy, dxt);
+    } else if (p.kind == plan_kind::mixture) {
       backward_mixture(be, f, x, dy, dxt);
       fb.dcoef = {buf_.dcoef.data(), x.batch, p.slots};
     } else {
@@ -399,12 +404,14 @@ class layer : public layer_core<Expert, N> {
       ctx.pooled = this->router_.pool(be, x, f.route);
     }
     pl.plan(ctx, gen, f.plan);
+    if (f.plan.kind == plan_kind::soft) return run_soft(be, f, pl, x, y, op);
     reserve(f, x.batch, x.length);
     if (f.plan.by_router) detail::argmax_rows<T>(this->router_.probabilities(f.route), f.plan.choices);
     switch (f.plan.kind) {
       case plan_kind::merge: merge(be, f); break;
       case plan_kind::gather: gather(f); break;
       case plan_kind::mixture: select_slots(f); break;
+      case plan_kind::soft: break;  // run_soft
     }
     if (f.plan.kind == plan_kind::mixture)
       apply_mixture(be, f, x, y);
@@ -412,6 +419,17 @@ class layer : public layer_core<Expert, N> {
       apply(be, f, x, y);
     if (this->opt_.check_finite)  // inputs and parameters were finite: it arose in the computation
       check_rows_finite(x, std::span<const T>(y), this->output_dim(), op, "y");
+  }
+
+  /// A soft plan: Soft MoE with the planner's tensors; routing() reports each expert's mean
+  /// combine weight.
+  void run_soft(const Backend& be, frame f, planner<T>& pl, tokens<const T> x, std::span<T> y, const char* op) const {
+    const auto& soft = soft_moe_of(pl);
+    soft.forward(be, this->bank_.expert(), matrix_ref<const T>(this->bank_.values()), x, y, this->residual_,
+                 f.buf.soft);
+    soft.expert_shares(x, f.buf.soft, f.plan.weight_matrix());
+    detail::argmax_rows<T>(std::as_const(f.plan).weight_matrix(), f.plan.choices);
+    if (this->opt_.check_finite) check_rows_finite(x, std::span<const T>(y), this->output_dim(), op, "y");
   }
 
   void reserve(frame f, std::size_t B, std::size_t L) const {
@@ -708,6 +726,12 @@ class layer : public layer_core<Expert, N> {
       for (std::size_t e = 0; e < N; ++e)
         if (w.touched[t * N + e])
           backend::axpy<T>(be, T(1), std::span<const T>(w.dbank.data() + (t * N + e) * P(), P()), bank_grad.row(e));
+  }
+
+  /// A soft plan's backward: Soft MoE's, into dx, the bank's and its own gradients.
+  void backward_soft(const Backend& be, tokens<const T> x, std::span<const T> dy, tokens<T> dx) {
+    soft_moe_of(*this->planner_).backward(be, this->bank_.expert(), matrix_ref<const T>(this->bank_.values()),
+                                          this->bank_.gradients(), x, dy, dx, this->residual_, buf_.soft);
   }
 
   typename smear::router<T>::workspace route_;  ///< the router's buffers of the layer's own forward
