@@ -202,8 +202,9 @@ class layer : public layer_core<Expert, N> {
   const smear::router<T>& router() const noexcept { return this->router_; }
 
   /// Every trainable tensor: the expert bank ("experts", decayed), the router's tensors when
-  /// the strategy has a router ("router.*"), the skills ("skills.logits") and the learned
-  /// REINFORCE baseline ("baseline.parameters", trained on its own squared error).
+  /// the strategy has a router ("router.*"), the skills ("skills.logits"), the learned
+  /// REINFORCE baseline ("baseline.parameters", trained on its own squared error) and Soft
+  /// MoE's tensors ("soft_moe.weight" Φ, decayed, and "soft_moe.scale").
   parameter_list<T> parameters() {
     this->touch();
     parameter_list<T> out;
@@ -224,7 +225,8 @@ class layer : public layer_core<Expert, N> {
   /// The distribution over experts of the last forward, [B, N]: the router's (after expert
   /// dropout) for smear, ensemble and top-k (DSelect-k: its selection weights, normalised),
   /// one-hot for tag and hash routing, the allocation for latent skills, the share of
-  /// parameter groups per expert for AdaMix in training (uniform at inference).
+  /// parameter groups per expert for AdaMix in training (uniform at inference), each expert's
+  /// mean combine weight over the example's tokens for Soft MoE.
   matrix_ref<const T> routing() const noexcept { return probabilities(this->plan_, route_); }
 
   /// The router's logits z of the last forward (before the temperature), [B, K], for the

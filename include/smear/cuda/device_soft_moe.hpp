@@ -22,9 +22,9 @@
 namespace smear::device {
 namespace detail {
 
-/// Row r of `count` values `step` apart from in + r·stride, divided by (‖·‖ + ε) into out,
-/// ‖·‖ into norm[r]; rows past their example's length (lengths given, rows of L per example)
-/// are set to 0.
+/// Row r of `count` values `step` apart from in + r·stride as a unit vector into out
+/// (smear::detail::unit_vector), its norm into norm[r]; rows past their example's length
+/// (with L > 0: rows of L per example) are set to 0.
 template <class T>
 struct unit_rows_fn {
   const T* in;
@@ -39,15 +39,11 @@ struct unit_rows_fn {
       for (std::size_t i = 0; i < count; ++i) o[i * step] = T(0);
       return;
     }
-    T s = 0;
-    for (std::size_t i = 0; i < count; ++i) s += v[i * step] * v[i * step];
-    const T n = smear::detail::sqrt_of(s), inv = T(1) / (n + T(smear::soft_moe<T>::epsilon));
-    norm[r] = n;
-    for (std::size_t i = 0; i < count; ++i) o[i * step] = v[i * step] * inv;
+    norm[r] = smear::detail::unit_vector(v, count, step, o);
   }
 };
 
-/// Its backward on valid rows: out += g / (r + ε) − v·⟨v, g⟩ / (r·(r + ε)²).
+/// Its backward on valid rows (smear::detail::unit_vector_backward), added into out.
 template <class T>
 struct unit_rows_backward_fn {
   const T* in;
@@ -58,13 +54,7 @@ struct unit_rows_backward_fn {
   std::size_t L, count, step, stride;
   SMEAR_HOST_DEVICE void operator()(std::size_t r) const {
     if (L > 0 && r % L >= rows_of(lengths, r / L, L)) return;
-    const T* v = in + r * stride;
-    const T* gr = g + r * stride;
-    T vg = 0;
-    for (std::size_t i = 0; i < count; ++i) vg += v[i * step] * gr[i * step];
-    const T n = norm[r], e = T(smear::soft_moe<T>::epsilon);
-    const T a = T(1) / (n + e), c = n > T(0) ? vg / (n * (n + e) * (n + e)) : T(0);
-    for (std::size_t i = 0; i < count; ++i) out[r * stride + i * step] += a * gr[i * step] - c * v[i * step];
+    smear::detail::unit_vector_backward(in + r * stride, g + r * stride, norm[r], count, step, out + r * stride);
   }
 };
 
@@ -79,12 +69,9 @@ struct dispatch_softmax_fn {
   std::size_t L, J;
   SMEAR_HOST_DEVICE void operator()(std::size_t i) const {
     const std::size_t b = i / J, j = i % J, rows = rows_of(lengths, b, L);
-    const T* c = cosine + b * L * J + j;
     T* d = D + b * L * J + j;
-    T top = c[0] * scale[j], sum = 0;
-    for (std::size_t m = 0; m < rows; ++m) top = c[m * J] * scale[j] > top ? c[m * J] * scale[j] : top;
-    for (std::size_t m = 0; m < rows; ++m) sum += (d[m * J] = exp_(c[m * J] * scale[j] - top));
-    for (std::size_t m = 0; m < L; ++m) d[m * J] = m < rows ? d[m * J] / sum : T(0);
+    smear::detail::scaled_softmax(cosine + b * L * J + j, scale + j, 0, rows, J, d);
+    for (std::size_t m = rows; m < L; ++m) d[m * J] = T(0);
   }
 };
 
@@ -97,16 +84,11 @@ struct combine_softmax_fn {
   const std::int32_t* lengths;
   std::size_t L, J;
   SMEAR_HOST_DEVICE void operator()(std::size_t r) const {
-    const T* c = cosine + r * J;
     T* o = C + r * J;
-    if (r % L >= rows_of(lengths, r / L, L)) {
+    if (r % L < rows_of(lengths, r / L, L))
+      smear::detail::scaled_softmax(cosine + r * J, scale, 1, J, 1, o);
+    else
       for (std::size_t j = 0; j < J; ++j) o[j] = T(0);
-      return;
-    }
-    T top = c[0] * scale[0], sum = 0;
-    for (std::size_t j = 0; j < J; ++j) top = c[j] * scale[j] > top ? c[j] * scale[j] : top;
-    for (std::size_t j = 0; j < J; ++j) sum += (o[j] = exp_(c[j] * scale[j] - top));
-    for (std::size_t j = 0; j < J; ++j) o[j] /= sum;
   }
 };
 

@@ -21,7 +21,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
-#include <limits>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -29,6 +28,7 @@
 
 #include "smear/backend/kernels.hpp"
 #include "smear/error.hpp"
+#include "smear/host_device.hpp"
 #include "smear/layout.hpp"
 #include "smear/parameter.hpp"
 #include "smear/random.hpp"
@@ -36,6 +36,46 @@
 #include "smear/tensor.hpp"
 
 namespace smear {
+namespace detail {
+
+/// The ε added to every norm, as the official code does.
+inline constexpr double soft_moe_epsilon = 1e-6;
+
+/// out = v / (‖v‖ + ε) for `count` values `step` apart; returns ‖v‖ (the host's and the cuda
+/// backend's Soft MoE).
+template <class T>
+SMEAR_HOST_DEVICE T unit_vector(const T* v, std::size_t count, std::size_t step, T* out) {
+  T r = 0;
+  for (std::size_t i = 0; i < count; ++i) r += v[i * step] * v[i * step];
+  r = sqrt_of(r);
+  const T inv = T(1) / (r + T(soft_moe_epsilon));
+  for (std::size_t i = 0; i < count; ++i) out[i * step] = v[i * step] * inv;
+  return r;
+}
+
+/// Its backward: out += ∂ℓ/∂v = g / (r + ε) − v·⟨v, g⟩ / (r·(r + ε)²), for g = ∂ℓ/∂v̂ and r = ‖v‖.
+template <class T>
+SMEAR_HOST_DEVICE void unit_vector_backward(const T* v, const T* g, T r, std::size_t count, std::size_t step, T* out) {
+  T vg = 0;
+  for (std::size_t i = 0; i < count; ++i) vg += v[i * step] * g[i * step];
+  const T e = T(soft_moe_epsilon), a = T(1) / (r + e), c = r > T(0) ? vg / (r * (r + e) * (r + e)) : T(0);
+  for (std::size_t i = 0; i < count; ++i) out[i * step] += a * g[i * step] - c * v[i * step];
+}
+
+/// out_k = softmax over k < count of s_k·c_k, with s_k = s[k·step], c_k = scale[k·scale_step]
+/// and out_k at out[k·step] (a dispatch column: scale_step 0; a combine row: step 1); `out`
+/// may alias nothing that `s` reads.
+template <class T>
+SMEAR_HOST_DEVICE void scaled_softmax(const T* s, const T* scale, std::size_t scale_step, std::size_t count,
+                                      std::size_t step, T* out) {
+  for (std::size_t k = 0; k < count; ++k) out[k * step] = s[k * step] * scale[k * scale_step];
+  T top = out[0], sum = 0;
+  for (std::size_t k = 1; k < count; ++k) top = out[k * step] > top ? out[k * step] : top;
+  for (std::size_t k = 0; k < count; ++k) sum += (out[k * step] = exp_of(out[k * step] - top));
+  for (std::size_t k = 0; k < count; ++k) out[k * step] /= sum;
+}
+
+}  // namespace detail
 
 /// Soft MoE's tensors and its host math (see the file comment). Parameters, one contiguous
 /// vector: `weight` Φ [d, N, s] (N(0, init_std²), init_std the router's), `scale` [N, s] (ones).
@@ -43,7 +83,6 @@ template <class T>
 class soft_moe {
  public:
   using value_type = T;
-  static constexpr double epsilon = 1e-6;  ///< added to every norm, as the official code does
 
   /// Soft MoE over `dim`-dimensional tokens for `experts` experts of `slots` slots each, its
   /// weight drawn from `init`. Throws value_error for a zero size.
@@ -200,23 +239,6 @@ class soft_moe {
     return matrix_ref<E>{v.data() + (n * B + b) * s_ * cols, s_, cols};
   }
 
-  /// out = v / (‖v‖ + ε) for n values `step` apart; returns ‖v‖.
-  static T unit(const T* v, std::size_t count, std::size_t step, T* out) noexcept {
-    T r = 0;
-    for (std::size_t i = 0; i < count; ++i) r += v[i * step] * v[i * step];
-    r = std::sqrt(r);
-    const T inv = T(1) / (r + T(epsilon));
-    for (std::size_t i = 0; i < count; ++i) out[i * step] = v[i * step] * inv;
-    return r;
-  }
-  /// Its backward: out += ∂ℓ/∂v = g / (r + ε) − v·⟨v, g⟩ / (r·(r + ε)²), g = ∂ℓ/∂v̂, r = ‖v‖.
-  static void unit_backward(const T* v, const T* g, T r, std::size_t count, std::size_t step, T* out) noexcept {
-    T vg = 0;
-    for (std::size_t i = 0; i < count; ++i) vg += v[i * step] * g[i * step];
-    const T a = T(1) / (r + T(epsilon)), c = r > T(0) ? vg / (r * (r + T(epsilon)) * (r + T(epsilon))) : T(0);
-    for (std::size_t i = 0; i < count; ++i) out[i * step] += a * g[i * step] - c * v[i * step];
-  }
-
   /// x̂ (valid rows; padding rows 0), Φ̂, and cosine = X̂·Φ̂ for the batch (one GEMM).
   template <class Backend>
   void cosines(Backend be, tokens<const T> x, workspace& w) const {
@@ -225,12 +247,12 @@ class soft_moe {
       for (std::size_t m = 0; m < L; ++m) {
         const std::size_t r = b * L + m;
         if (m < x.valid(b))
-          w.xnorm[r] = unit(x.data + r * d_, d_, 1, w.xhat.data() + r * d_);
+          w.xnorm[r] = detail::unit_vector(x.data + r * d_, d_, 1, w.xhat.data() + r * d_);
         else
           std::fill_n(w.xhat.data() + r * d_, d_, T(0));
       }
     });
-    for (std::size_t j = 0; j < J; ++j) w.phinorm[j] = unit(values_.data() + j, d_, J, w.phihat.data() + j);
+    for (std::size_t j = 0; j < J; ++j) w.phinorm[j] = detail::unit_vector(values_.data() + j, d_, J, w.phihat.data() + j);
     backend::gemm<T>(be, false, false, T(1), matrix_ref<const T>{w.xhat.data(), x.batch * L, d_},
                      matrix_ref<const T>{w.phihat.data(), d_, J}, T(0),
                      matrix_ref<T>{w.cosine.data(), x.batch * L, J});
@@ -243,18 +265,8 @@ class soft_moe {
     const T* cs = w.cosine.data() + first;
     T* D = w.dispatch.data() + first;
     T* C = w.combine.data() + first;
-    for (std::size_t j = 0; j < J; ++j) {
-      T top = -std::numeric_limits<T>::infinity(), sum = 0;
-      for (std::size_t m = 0; m < rows; ++m) top = std::max(top, cs[m * J + j] * scale()[j]);
-      for (std::size_t m = 0; m < rows; ++m) sum += (D[m * J + j] = std::exp(cs[m * J + j] * scale()[j] - top));
-      for (std::size_t m = 0; m < rows; ++m) D[m * J + j] /= sum;
-    }
-    for (std::size_t m = 0; m < rows; ++m) {
-      T top = -std::numeric_limits<T>::infinity(), sum = 0;
-      for (std::size_t j = 0; j < J; ++j) top = std::max(top, cs[m * J + j] * scale()[j]);
-      for (std::size_t j = 0; j < J; ++j) sum += (C[m * J + j] = std::exp(cs[m * J + j] * scale()[j] - top));
-      for (std::size_t j = 0; j < J; ++j) C[m * J + j] /= sum;
-    }
+    for (std::size_t j = 0; j < J; ++j) detail::scaled_softmax(cs + j, scale() + j, 0, rows, J, D + j);
+    for (std::size_t m = 0; m < rows; ++m) detail::scaled_softmax(cs + m * J, scale(), 1, J, 1, C + m * J);
     std::fill(D + rows * J, D + x.length * J, T(0));
     std::fill(C + rows * J, C + x.length * J, T(0));
   }
@@ -351,11 +363,11 @@ class soft_moe {
     backend::parallel_for(be, x.batch, [&](std::size_t b, std::size_t) {
       for (std::size_t m = 0; m < x.valid(b); ++m) {
         const std::size_t r = b * L + m;
-        unit_backward(x.data + r * d_, w.dxhat.data() + r * d_, w.xnorm[r], d_, 1, dx.data + r * d_);
+        detail::unit_vector_backward(x.data + r * d_, w.dxhat.data() + r * d_, w.xnorm[r], d_, 1, dx.data + r * d_);
       }
     });
     for (std::size_t j = 0; j < J; ++j)
-      unit_backward(values_.data() + j, w.dphihat.data() + j, w.phinorm[j], d_, J, grads_.data() + j);
+      detail::unit_vector_backward(values_.data() + j, w.dphihat.data() + j, w.phinorm[j], d_, J, grads_.data() + j);
     for (std::size_t b = 0; b < x.batch; ++b)
       for (std::size_t j = 0; j < J; ++j) scale_grad()[j] += w.dscale[b * J + j];
   }
