@@ -36,9 +36,9 @@ namespace smear {
 /// and hash routing run one fixed expert, the ensemble and top-k routing run the chosen experts
 /// separately and mix their outputs, and Soft MoE (row-wise experts only) runs each expert on s
 /// slots mixed from every example's valid tokens by a softmax over the tokens and gives each
-/// token a softmax mix of the slots' outputs (smear/routing/soft_moe.hpp). A single expert and a parameter-matched dense adapter are
-/// `layer<E, 1>` (with `adapter{d, N·m}` for the dense one), which runs its one expert
-/// directly: no router, no merge.
+/// token a softmax mix of the slots' outputs (smear/routing/soft_moe.hpp). A single expert and
+/// a parameter-matched dense adapter are `layer<E, 1>` (with `adapter{d, N·m}` for the dense
+/// one), which runs its one expert directly: no router, no merge.
 ///
 /// Inference cache: plans that merge through a per-task table (latent skills and AdaMix in
 /// evaluation, SMEAR after set_task_routing()) merge each row once and reuse the merged experts
