@@ -1,9 +1,9 @@
 // smear's CPU benchmarks: forward and forward+backward of a routing block of adapter experts
-// (smear, top-1, ensemble, a single adapter), and the GEMM ceiling of the same shapes.
+// (smear, top-1, ensemble, Soft MoE, a single adapter), and the GEMM ceiling of the same shapes.
 //
 // Names read `kind/mode/d:768/m:64/N:8/L:128/B:32/threads:2`, so one regex picks a subset:
 //   smear_bench --benchmark_filter='/d:768/m:64/N:8/L:128/B:32/threads:2$'
-// kinds: smear, top1, ensemble, single (smear::layer<adapter<float>, 1>), cached (smear inference
+// kinds: smear, top1, ensemble, soft_moe (one slot per expert), single (smear::layer<adapter<float>, 1>), cached (smear inference
 // with a fixed per-task routing: experts merged once by set_task_routing and reused), gemm (the plain Eigen
 // GEMMs a SMEAR block runs at that shape, without any element-wise work: the ceiling), and
 // gemm_square/n:.../threads:... (one square GEMM, the machine's peak for reference).
@@ -17,7 +17,9 @@
 //
 // GFLOP/s counts the merge, 2·B·N·P, and the application, 4·B·L·d·m forward; a backward adds
 // 8·B·L·d·m (the adapter's four GEMMs) and 4·B·N·P (the two bank GEMMs). top-1 counts one
-// expert's application and no merge; the ensemble counts N applications.
+// expert's application and no merge; the ensemble counts N applications. Soft MoE counts the
+// experts on B·N slot rows, 4·B·N·d·m, and its per-token GEMMs, 2·B·L·N·d each for the logits,
+// the dispatch and the combine; a backward twice each.
 
 #include <benchmark/benchmark.h>
 
@@ -38,7 +40,7 @@
 
 namespace {
 
-enum class kind { smear, top1, ensemble, single, cached, gemm };
+enum class kind { smear, top1, ensemble, soft_moe, single, cached, gemm };
 enum class mode { fwd, fwdbwd };
 
 constexpr const char* name(kind k) {
@@ -46,6 +48,7 @@ constexpr const char* name(kind k) {
     case kind::smear: return "smear";
     case kind::top1: return "top1";
     case kind::ensemble: return "ensemble";
+    case kind::soft_moe: return "soft_moe";
     case kind::single: return "single";
     case kind::cached: return "cached";
     case kind::gemm: return "gemm";
@@ -73,6 +76,10 @@ struct workload {
     switch (k) {
       case kind::top1: return bw ? 3 * apply : apply;
       case kind::ensemble: return N * (bw ? 3 * apply : apply);
+      case kind::soft_moe: {
+        const double fwd = N * apply / double(length) + 6.0 * B * double(length) * N * double(d);
+        return bw ? 3 * fwd : fwd;
+      }
       case kind::cached: return bw ? 3 * apply : apply;  // merged once, outside the timing
       case kind::smear:
       case kind::single:
@@ -98,11 +105,13 @@ std::vector<float> random_vector(std::size_t n, std::uint64_t seed) {
 }
 
 /// The layer options of a benchmark kind: top-1 is top_k with k = 1 (straight-through
-/// Gumbel-softmax, the default estimator), the ensemble mixes every expert's output.
+/// Gumbel-softmax, the default estimator), the ensemble mixes every expert's output, Soft MoE
+/// runs each expert on one slot per example.
 smear::layer_options options_for(kind k) {
   smear::layer_options o{};
   if (k == kind::top1) o.routing.strategy = smear::strategy::top_k;
   if (k == kind::ensemble) o.routing.strategy = smear::strategy::ensemble;
+  if (k == kind::soft_moe) o.routing.strategy = smear::strategy::soft_moe;
   return o;
 }
 
@@ -316,7 +325,7 @@ void register_grid() {
             add({kind::single, md, s.d, s.m, 1, length, batch, threads});
             add({kind::gemm, md, s.d, s.m, 1, length, batch, threads});
             for (std::size_t n : {8, 4, 16, 32})
-              for (kind k : {kind::smear, kind::gemm, kind::top1, kind::ensemble, kind::cached})
+              for (kind k : {kind::smear, kind::gemm, kind::top1, kind::ensemble, kind::soft_moe, kind::cached})
                 if (k != kind::cached || md == mode::fwd) add({k, md, s.d, s.m, n, length, batch, threads});
           }
   for (std::size_t callers : {1, 2, 4}) {

@@ -50,7 +50,7 @@ TEST_CASE("layer: forward + backward allocate nothing after a warm-up") {
   }
   SUBCASE("every other strategy, training and inference") {
     for (const char* name : {"ensemble", "st_gumbel", "reinforce", "dselect", "switch", "tag", "hash", "adamix",
-                             "latent_skills", "random", "cluster"}) {
+                             "latent_skills", "random", "cluster", "soft_moe"}) {
       smear::strategy_options routing = smear::parse_strategy(name);
       routing.tasks = 4;  // latent skills: one row per tag
       for (bool training : {true, false}) {

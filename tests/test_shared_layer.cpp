@@ -70,6 +70,7 @@ std::vector<case_> make_cases() {
   add("tag", {.strategy = strategy::tag});
   add("hash", {.strategy = strategy::hash});
   add("cluster", {.strategy = strategy::cluster});
+  add("soft_moe", {.strategy = strategy::soft_moe, .soft_slots = 2});
   const std::vector<float> p{0.7f, 0.1f, 0.1f, 0.1f, 0.f, 0.5f, 0.5f, 0.f, 0.25f, 0.25f, 0.25f, 0.25f};
   out[1].layer->set_task_routing(matrix_ref<const float>{p.data(), 3, experts});
   for (auto& c : out) c.layer->train(false);

@@ -13,7 +13,7 @@ namespace examples {
 /// Every method, in the order of the comparison tables.
 inline const std::vector<std::string>& all_methods() {
   static const std::vector<std::string> m{"smear",    "tag",    "hash",  "st_gumbel", "reinforce",    "dselect",
-                                          "ensemble", "single", "dense", "adamix",    "latent_skills"};
+                                          "ensemble", "soft_moe", "single", "dense", "adamix", "latent_skills"};
   return m;
 }
 

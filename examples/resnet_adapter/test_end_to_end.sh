@@ -26,6 +26,13 @@ awk -F, '$1 == "smear" { found = 1; if ($8 <= 0.4) { print "smear average accura
 "$bin" train --data "$dir/data" --backbone "$dir/out/backbone.safetensors" --strategy smear --expert conv \
   --experts 12 --epochs 1 --out "$dir/train" --quiet | grep -q '^| smear | conv3x3 | 12 | 1 |'
 
+# Soft MoE runs with the per-position adapter; the convolutional adapter is refused, saying why
+"$bin" train --data "$dir/data" --backbone "$dir/out/backbone.safetensors" --strategy soft_moe --epochs 1 \
+  --out "$dir/soft" --quiet | grep -q '^| soft_moe | adapter | 6 | 1 |'
+if "$bin" train --data "$dir/data" --backbone "$dir/out/backbone.safetensors" --strategy soft_moe --expert conv \
+  --epochs 1 --out "$dir/soft_conv" 2> "$dir/err"; then exit 1; fi
+grep -q "soft_moe runs each expert on slots" "$dir/err"
+
 # errors: a clear message and a non-zero status
 if "$bin" train --data "$dir/nowhere" --backbone "$dir/out/backbone.safetensors" 2> "$dir/err"; then exit 1; fi
 grep -q "emoji.bin not found" "$dir/err"

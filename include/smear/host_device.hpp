@@ -19,5 +19,7 @@ namespace smear::detail {
 
 SMEAR_HOST_DEVICE inline float sqrt_of(float x) { return ::sqrtf(x); }
 SMEAR_HOST_DEVICE inline double sqrt_of(double x) { return ::sqrt(x); }
+SMEAR_HOST_DEVICE inline float exp_of(float x) { return ::expf(x); }
+SMEAR_HOST_DEVICE inline double exp_of(double x) { return ::exp(x); }
 
 }  // namespace smear::detail

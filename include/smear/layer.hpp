@@ -34,9 +34,11 @@ namespace smear {
 /// The other strategies: latent skills merge the same way with a learned per-task allocation,
 /// AdaMix gathers one random expert per parameter group (the plain average at inference), tag
 /// and hash routing run one fixed expert, the ensemble and top-k routing run the chosen experts
-/// separately and mix their outputs. A single expert and a parameter-matched dense adapter are
-/// `layer<E, 1>` (with `adapter{d, N·m}` for the dense one), which runs its one expert
-/// directly: no router, no merge.
+/// separately and mix their outputs, and Soft MoE (row-wise experts only) runs each expert on s
+/// slots mixed from every example's valid tokens by a softmax over the tokens and gives each
+/// token a softmax mix of the slots' outputs (smear/routing/soft_moe.hpp). A single expert and
+/// a parameter-matched dense adapter are `layer<E, 1>` (with `adapter{d, N·m}` for the dense
+/// one), which runs its one expert directly: no router, no merge.
 ///
 /// Causal segment routing (router_options::segment_length = ℓ): the routing unit is a segment
 /// of ℓ tokens, routed by the previous segment's pooled tokens (the prior for the first); the
@@ -135,6 +137,7 @@ class layer : public layer_core<Expert, N> {
     std::vector<std::int32_t> sel;  ///< mixture [B, k]: the expert of each slot
     std::vector<std::size_t> count;
     std::vector<char> touched;  ///< [threads, N]: which rows of dbank this backward wrote
+    typename smear::soft_moe<T>::workspace soft;  ///< a soft plan's dispatch, slots and combine
     std::size_t saved_stride = 0, scratch_stride = 0;
     bool dw_ready = false;                      ///< dweights holds this backward's ∂ℓ/∂W
     std::shared_ptr<const cache_entry> cache;  ///< the cache entry theta points into
@@ -146,7 +149,8 @@ class layer : public layer_core<Expert, N> {
                             &dxtmp, &dbank})
         values += v->capacity();
       return sizeof(T) * values + sizeof(const T*) * theta.capacity() + sizeof(std::int32_t) * sel.capacity() +
-             sizeof(std::size_t) * (count.capacity() + runs.capacity()) + touched.capacity() + units.bytes();
+             sizeof(std::size_t) * (count.capacity() + runs.capacity()) + touched.capacity() + units.bytes() +
+             soft.bytes();
     }
   };
 
@@ -251,8 +255,9 @@ class layer : public layer_core<Expert, N> {
   const smear::router<T>& router() const noexcept { return this->router_; }
 
   /// Every trainable tensor: the expert bank ("experts", decayed), the router's tensors when
-  /// the strategy has a router ("router.*"), the skills ("skills.logits") and the learned
-  /// REINFORCE baseline ("baseline.parameters", trained on its own squared error).
+  /// the strategy has a router ("router.*"), the skills ("skills.logits"), the learned
+  /// REINFORCE baseline ("baseline.parameters", trained on its own squared error) and Soft
+  /// MoE's tensors ("soft_moe.weight" Φ, decayed, and "soft_moe.scale").
   parameter_list<T> parameters() {
     this->touch();
     parameter_list<T> out;
@@ -273,8 +278,9 @@ class layer : public layer_core<Expert, N> {
   /// The distribution over experts of the last forward, [B, N]: the router's (after expert
   /// dropout) for smear, ensemble and top-k (DSelect-k: its selection weights, normalised),
   /// one-hot for tag and hash routing, the allocation for latent skills, the share of
-  /// parameter groups per expert for AdaMix in training (uniform at inference). Under segment
-  /// routing one row per segment: row b·S + s for segment s of example b.
+  /// parameter groups per expert for AdaMix in training (uniform at inference), each expert's
+  /// mean combine weight over the example's tokens for Soft MoE. Under segment routing one row
+  /// per segment: row b·S + s for segment s of example b.
   matrix_ref<const T> routing() const noexcept { return probabilities(this->plan_, route_); }
 
   /// The router's logits z of the last forward (before the temperature), [B, K], for the
@@ -349,7 +355,9 @@ class layer : public layer_core<Expert, N> {
     plan_feedback<T> fb{.losses = repeat_per_unit(example_losses, u.batch / x.batch, buf_.units.losses),
                         .training = this->was_training_};
     if (needs.features) fb.features = this->router_.features(route_);
-    if (p.kind == plan_kind::mixture) {
+    if (p.kind == plan_kind::soft) {
+      backward_soft(be, x, dy, dxt);
+    } else if (p.kind == plan_kind::mixture) {
       backward_mixture(be, f, u, dy, dxt);
       fb.dcoef = {buf_.dcoef.data(), u.batch, p.slots};
     } else {
@@ -504,6 +512,7 @@ class layer : public layer_core<Expert, N> {
       ctx.pooled = this->router_.pool(be, x, f.route);
     }
     pl.plan(ctx, gen, f.plan);
+    if (f.plan.kind == plan_kind::soft) return run_soft(be, f, pl, x, y, op);
     prepare(be, f, u.batch, u.length);
     if (f.plan.kind == plan_kind::mixture)
       apply_mixture(be, f, u, y);
@@ -522,7 +531,19 @@ class layer : public layer_core<Expert, N> {
       case plan_kind::merge: merge(be, f); break;
       case plan_kind::gather: gather(f); break;
       case plan_kind::mixture: select_slots(f); break;
+      case plan_kind::soft: break;  // run_soft
     }
+  }
+
+  /// A soft plan: Soft MoE with the planner's tensors; routing() reports each expert's mean
+  /// combine weight.
+  void run_soft(const Backend& be, frame f, planner<T>& pl, tokens<const T> x, std::span<T> y, const char* op) const {
+    const auto& soft = soft_moe_of(pl);
+    soft.forward(be, this->bank_.expert(), matrix_ref<const T>(this->bank_.values()), x, y, this->residual_,
+                 f.buf.soft);
+    soft.expert_shares(x, f.buf.soft, f.plan.weight_matrix());
+    detail::argmax_rows<T>(std::as_const(f.plan).weight_matrix(), f.plan.choices);
+    if (this->opt_.check_finite) check_rows_finite(x, std::span<const T>(y), this->output_dim(), op, "y");
   }
 
   void reserve(frame f, std::size_t B, std::size_t L) const {
@@ -819,6 +840,12 @@ class layer : public layer_core<Expert, N> {
       for (std::size_t e = 0; e < N; ++e)
         if (w.touched[t * N + e])
           backend::axpy<T>(be, T(1), std::span<const T>(w.dbank.data() + (t * N + e) * P(), P()), bank_grad.row(e));
+  }
+
+  /// A soft plan's backward: Soft MoE's, into dx, the bank's and its own gradients.
+  void backward_soft(const Backend& be, tokens<const T> x, std::span<const T> dy, tokens<T> dx) {
+    soft_moe_of(*this->planner_).backward(be, this->bank_.expert(), matrix_ref<const T>(this->bank_.values()),
+                                          this->bank_.gradients(), x, dy, dx, this->residual_, buf_.soft);
   }
 
   typename smear::router<T>::workspace route_;  ///< the router's buffers of the layer's own forward

@@ -107,6 +107,13 @@ class layer_core {
     return planner_as<cluster_planner<T>>("layer::cluster_centres: the strategy is not cluster").centres();
   }
 
+  /// Soft MoE's tensors (Φ and scale); throws state_error under another strategy.
+  smear::soft_moe<T>& soft_moe() {
+    touch();
+    return soft_moe_of(*planner_);
+  }
+  const smear::soft_moe<T>& soft_moe() const { return soft_moe_of(*planner_); }
+
   /// Restarts the generator behind every sampled decision (expert dropout, Gumbel noise,
   /// REINFORCE's and AdaMix's draws, relaxed Bernoulli skills) from `seed`.
   void reseed(std::uint64_t seed) noexcept { gen_ = rng{seed}; }
@@ -176,6 +183,7 @@ class layer_core {
     }
     if (s.strategy == strategy::latent_skills) d.add("latent_skills.tasks", s.tasks);
     if (s.strategy == strategy::hash) d.add("hash.seed", s.hash_seed);
+    if (s.strategy == strategy::soft_moe) d.add("soft_moe.slots", s.soft_slots);
     if (uses_router()) {
       const router_options& r = router_.options();
       d.add("router.pool", r.pool == pooling::mean ? "mean" : "masked_mean").add("router.layer_norm", r.layer_norm);
@@ -210,13 +218,16 @@ class layer_core {
     if (opt_.router.segment_length > 0 && !is_row_wise_expert<Expert>)
       throw value_error("layer: causal segment routing splits examples into segments of tokens; the expert does "
                         "not act on each token alone (a conv adapter needs whole maps)");
+    if (opt_.routing.strategy == strategy::soft_moe && !is_row_wise_expert<Expert>)
+      throw value_error("layer: soft_moe runs each expert on slots mixed from all of an example's tokens, so the "
+                        "expert must act on each token alone (adapter, lora, linear: row_wise); this one does not");
     if (residual_ && bank_.expert().input_dim() != bank_.expert().output_dim())
       throw value_error(detail::message("layer: residual needs input_dim == output_dim, the expert has ",
                                         bank_.expert().input_dim(), " -> ", bank_.expert().output_dim()));
     rng init{seed};
     bank_.initialize(init);
     rng extra{seed ^ 0xA11CA7E5ull};
-    planner_ = make_planner<T>(opt_.routing, N, bank_.layout(), input_dim(), extra);
+    planner_ = make_planner<T>(opt_.routing, N, bank_.layout(), input_dim(), options.router.init_std, extra);
   }
   layer_core(const layer_core& o)
       : bank_(o.bank_), router_(o.router_), opt_(o.opt_), residual_(o.residual_), training_(o.training_),

@@ -199,7 +199,7 @@ TEST_CASE("cuda algorithm on the host: forward + backward allocate nothing after
   constexpr std::size_t B = 4, L = 12, d = 32, m = 8;
   const std::vector<std::int32_t> lengths{12, 7, 1, 10};
   for (const char* name : {"smear", "ensemble", "st_gumbel", "reinforce", "dselect", "switch", "tag", "hash", "adamix",
-                           "latent_skills", "random", "cluster"}) {
+                           "latent_skills", "random", "cluster", "soft_moe"}) {
     strategy_options routing = parse_strategy(name);
     routing.tasks = 4;  // latent skills: one row per tag
     for (bool training : {true, false}) {

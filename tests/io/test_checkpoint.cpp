@@ -348,6 +348,27 @@ TEST_CASE("checkpoints follow the routing strategy: no router without one, skill
     load(path, b, "c.");
     CHECK(same_bits(centres(b), centres(a)));
   }
+
+  SUBCASE("soft_moe adds Φ [d, N, s] and its scale [N, s], no router; the slots are part of the architecture") {
+    const layer_options opts{.routing = {.strategy = strategy::soft_moe, .soft_slots = 2}};
+    layer<E, 3> a{proto, opts, 1};
+    randomise(a, 7);
+    for (auto& v : a.soft_moe().values()) v += 0.25;  // the scale too, away from its start at 1
+    const auto path = scratch("soft_moe.safetensors");
+    save(path, a, "s.");
+    CHECK(names(path) ==
+          std::vector<std::string>{"s.experts.weight", "s.experts.bias", "s.soft_moe.weight", "s.soft_moe.scale"});
+    const auto file = safetensors_file::open(path);
+    CHECK(file.at("s.soft_moe.weight").shape == std::vector<std::size_t>{3, 3, 2});
+    CHECK(file.at("s.soft_moe.scale").shape == std::vector<std::size_t>{3, 2});
+    layer<E, 3> b{proto, opts, 7};
+    CHECK_FALSE(same_bits(b.soft_moe().values(), a.soft_moe().values()));
+    load(path, b, "s.");
+    CHECK(same_bits(b.soft_moe().values(), a.soft_moe().values()));
+    CHECK(same_bits(bank_values(b), bank_values(a)));
+    layer<E, 3> one_slot{proto, {.routing = {.strategy = strategy::soft_moe}}, 1};
+    CHECK_THROWS_WITH_AS(load(path, one_slot, "s."), doctest::Contains("soft_moe.slots"), io_error);
+  }
 }
 
 TEST_CASE("a layer's training-step count travels in the metadata; a bad count is refused, changing nothing") {

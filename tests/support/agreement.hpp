@@ -54,6 +54,10 @@ void check_agreement(Ref& ref, Fast& fast, Memory& mem, agreement_case c, std::u
   auto bank = ref.bank().values();
   for (std::size_t i = 0; i < bank.rows * bank.cols; ++i) bank.data[i] = static_cast<T>(0.3 * gen.normal());
   for (auto& v : ref.router().values()) v = static_cast<T>(0.5 * gen.normal());
+  if (ref.strategy().strategy == strategy::soft_moe) {  // Φ and scale: the planner's, on the host
+    for (auto& v : ref.soft_moe().values()) v = static_cast<T>(0.5 * gen.normal());
+    std::ranges::copy(ref.soft_moe().values(), fast.soft_moe().values().begin());
+  }
   std::copy_n(bank.data, bank.rows * bank.cols, fast.bank().values().data);
   std::copy(ref.router().values().begin(), ref.router().values().end(), fast.router().values().begin());
   if constexpr (requires { fast.upload(); }) fast.upload();

@@ -179,3 +179,24 @@ TEST_CASE(SMEAR_AGREEMENT_SUBJECT " equals the reference layer: ensemble, top-k,
     check<E, 4>(E{9, 3}, {.B = 6, .L = 4, .train = false, .tags = true}, 67, o);
   }
 }
+
+TEST_CASE(SMEAR_AGREEMENT_SUBJECT " equals the reference layer: soft_moe") {
+  const layer_options one{.routing = {.strategy = strategy::soft_moe}};
+  const layer_options two{.routing = {.strategy = strategy::soft_moe, .soft_slots = 2}};
+  SUBCASE("adapter, ragged, s = 1 and 2, training and inference") {
+    check<adapter<float>, 4>(adapter<float>{9, 3, {.up_bias = true}}, {.B = 5, .L = 6, .steps = 2}, 101, one);
+    check<adapter<float>, 3>(adapter<float>{8, 2}, {.B = 4, .L = 5, .train = false}, 102, two);
+    check<adapter<float>, 8>(adapter<float>{16, 4}, {.B = 1, .L = 1}, 103, two);
+  }
+  SUBCASE("residual off, full batch") {
+    auto o = two;
+    o.residual = false;
+    check<adapter<float>, 3>(adapter<float>{7, 2}, {.B = 3, .L = 4, .full = true}, 104, o);
+  }
+  SUBCASE("lora and linear, double") {
+    rng gen{105};
+    check<lora<float>, 3>(lora<float>{6, 5, 2, random_vector<float>(30, gen)}, {.B = 3, .L = 4}, 106, two);
+    check<linear<float>, 2>(linear<float>{4, 6}, {.B = 2, .L = 3}, 107, one);
+    check<adapter<double>, 4>(adapter<double>{11, 6}, {.B = 3, .L = 5}, 108, two);
+  }
+}

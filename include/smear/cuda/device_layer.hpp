@@ -14,6 +14,7 @@
 /// the experts' strided-batched GEMMs over the padded length, residual and padding mask.
 /// Backward: the experts' batched GEMMs give ∂ℓ/∂x and G = ∂ℓ/∂Θ̄; ∂ℓ/∂Θ += Wᵀ·G (or the
 /// one-hot scatters); ∂ℓ/∂W = G·Θᵀ or the slots' ⟨dy, f⟩ for the planner and the router.
+/// Soft MoE's plans run in cuda/device_soft_moe.hpp.
 
 #include <algorithm>
 #include <cstddef>
@@ -27,6 +28,7 @@
 #include "smear/backend/cuda/experts.hpp"
 #include "smear/backend_concepts.hpp"
 #include "smear/cuda/device_router.hpp"
+#include "smear/cuda/device_soft_moe.hpp"
 #include "smear/layer_core.hpp"
 
 namespace smear::device {
@@ -125,6 +127,7 @@ class device_layer : public layer_core<Expert, N> {
   /// when it is the router's). See smear::layer::routing.
   matrix_ref<const T> routing() {
     const auto& p = this->plan_;
+    if (p.kind == plan_kind::soft && !routing_valid_) soft_routing();
     if (!p.by_router) return p.weight_matrix();
     if (!routing_valid_) {
       routing_host_.resize(p.batch * N);
@@ -137,7 +140,7 @@ class device_layer : public layer_core<Expert, N> {
   }
   /// The experts each example of the last forward ran, [B, k], on the host.
   matrix_ref<const std::int32_t> choices() {
-    if (this->plan_.by_router) routing();
+    if (this->plan_.by_router || this->plan_.kind == plan_kind::soft) routing();
     return {this->plan_.choices.data(), this->plan_.batch, this->plan_.choice_cols};
   }
 
@@ -147,7 +150,8 @@ class device_layer : public layer_core<Expert, N> {
                         dy_masked_.capacity() + weights_.capacity() + onehot_.capacity() + coef_.capacity() +
                         outputs_.capacity() + dye_.capacity() + dxe_.capacity() + dslots_.capacity() +
                         cache_.capacity() + table_.capacity()) +
-           sizeof(std::int32_t) * lengths_.capacity() + router_dev_.workspace_bytes() + units_.bytes();
+           sizeof(std::int32_t) * lengths_.capacity() + router_dev_.workspace_bytes() + units_.bytes() +
+           soft_.workspace_bytes();
   }
 
   /// y ← block(x), enqueued on the context's stream. x [B, L, input_dim] and y (B·L·output_dim
@@ -187,7 +191,10 @@ class device_layer : public layer_core<Expert, N> {
     routing_valid_ = false;
     reserve(B, L);
     const auto& p = this->plan_;
-    if (p.kind == plan_kind::mixture) {
+    if (p.kind == plan_kind::soft) {
+      soft_.forward(*ctx_, soft_moe_of(*this->planner_), kernel_, static_cast<const T*>(bank_values_.data()), P(),
+                    x.data, lens, B, L, this->output_dim(), this->residual_, y.data(), op);
+    } else if (p.kind == plan_kind::mixture) {
       run_mixture(u, lens, y.data(), op);
     } else {
       if (p.kind == plan_kind::merge)
@@ -228,7 +235,10 @@ class device_layer : public layer_core<Expert, N> {
     plan_feedback<T> fb{.losses = repeat_per_unit(example_losses, S, units_.losses), .training = this->was_training_};
     // ∂ℓ/∂W (merge) or the slots' ⟨dy, f⟩ (mixture): the by-router plans' ∂ℓ/∂p
     T* measured = dslots_.data();
-    if (p.kind == plan_kind::mixture) {
+    if (p.kind == plan_kind::soft) {
+      soft_.backward(*ctx_, soft_moe_of(*this->planner_), kernel_, static_cast<const T*>(bank_values_.data()),
+                     bank_grads_.data(), P(), x.data, lens, B, L, this->output_dim(), this->residual_, g, dx.data(), op);
+    } else if (p.kind == plan_kind::mixture) {
       backward_mixture(g, dx.data(), lens, B, L, measured);
       if (needs.dcoef) fb.dcoef = download(measured, B, p.slots, dcoef_host_, op);
     } else {
@@ -424,9 +434,22 @@ class device_layer : public layer_core<Expert, N> {
     smear::detail::check_finite<T>(std::span<const T>(check_host_), op, what);
   }
 
+  /// A soft plan's routing: each expert's mean combine weight, and the most weighted expert.
+  void soft_routing() {
+    auto& p = this->plan_;
+    soft_.expert_shares(*ctx_, soft_moe_of(*this->planner_), last_lengths_, this->last_.lengths, p.batch,
+                        this->last_.length, p.weight_matrix(), "smear cuda layer: download of the routing");
+    smear::detail::argmax_rows<T>(std::as_const(p).weight_matrix(), p.choices);
+    routing_valid_ = true;
+  }
+
   void reserve(std::size_t B, std::size_t L) {
     const auto& p = this->plan_;
     const std::size_t d = this->input_dim(), dout = this->output_dim();
+    if (p.kind == plan_kind::soft) {  // device_soft_moe holds the rest
+      dy_masked_.reserve(B * L * dout, "the masked output gradient");
+      return;
+    }
     const std::size_t k = p.kind == plan_kind::mixture ? p.slots : 1;
     merged_.reserve(k * B * P(), "the merged or chosen experts' parameters [k, B, P]");
     gmerged_.reserve(B * P(), "the merged parameters' gradients [B, P]");
@@ -448,6 +471,7 @@ class device_layer : public layer_core<Expert, N> {
   std::unique_ptr<Ctx> ctx_;
   device_expert<Expert, Ctx> kernel_;
   device_router<T, Ctx> router_dev_;
+  device_soft_moe<T, Ctx> soft_;
   buf<T> bank_values_, bank_grads_;
   buf<std::int32_t> lengths_;
   buf<T> merged_, gmerged_, saved_, scratch_, dy_masked_, weights_, onehot_, coef_, outputs_, dye_, dxe_, dslots_,

@@ -19,10 +19,11 @@
 ///     block.3.router.weight              [8, 768]
 ///     block.3.router.bias                [8]
 ///
-/// Layers whose strategy has no learned router (tag, hash, AdaMix, latent skills) store no
+/// Layers whose strategy has no learned router (tag, hash, AdaMix, latent skills, Soft MoE) store no
 /// router tensors; latent skills add `<prefix>skills.logits` [tasks, N], and REINFORCE with a
 /// learned baseline adds `<prefix>baseline.parameters` [count] (its flat parameter vector),
-/// cluster routing `<prefix>clusters` [N, d] (its centres).
+/// cluster routing `<prefix>clusters` [N, d] (its centres), Soft MoE `<prefix>soft_moe.weight`
+/// [d, N, s] (Φ) and `<prefix>soft_moe.scale` [N, s].
 /// A layer also records its training-step count (which schedules read) as the `__metadata__`
 /// entry `<prefix>smear.training_steps`; loading restores it when the entry is there.
 ///
@@ -146,15 +147,30 @@ staged_values<typename Expert::value_type> stage(const safetensors_file& file, e
   return out;
 }
 
+/// Stages the values of a flat vector laid out by `layout` (the router's, Soft MoE's), one
+/// tensor `<prefix><slot>` per slot.
+template <class T>
+staged_values<T> stage_slots(const safetensors_file& file, const parameter_layout& layout, std::span<T> values,
+                             const std::string& prefix, const name_map& map, const char* needed_by, bool finite) {
+  staged_values<T> out{values, std::vector<T>(values.size())};
+  for (const auto& s : layout)
+    read_checked(file, prefix + s.name, map, s.shape, needed_by, std::span<T>(out.values).subspan(s.offset, s.size()),
+                 finite);
+  return out;
+}
+
 /// Stages the router's values read from `file`.
 template <class T>
 staged_values<T> stage(const safetensors_file& file, router<T>& r, std::string_view prefix, const name_map& map,
                        bool finite = false) {
-  staged_values<T> out{r.values(), std::vector<T>(r.values().size())};
-  for (const auto& s : r.layout())
-    read_checked(file, std::string(prefix) + "router." + s.name, map, s.shape, "the router",
-                 std::span<T>(out.values).subspan(s.offset, s.size()), finite);
-  return out;
+  return stage_slots(file, r.layout(), r.values(), std::string(prefix) + "router.", map, "the router", finite);
+}
+
+/// Adds each slot of a flat vector laid out by `layout` as `<prefix><slot>`.
+template <class T>
+void add_slots(safetensors_writer& out, const parameter_layout& layout, std::span<const T> values,
+               const std::string& prefix, std::optional<dtype> as) {
+  for (const auto& s : layout) out.add(prefix + s.name, values.subspan(s.offset, s.size()), s.shape, as);
 }
 
 template <class T>
@@ -243,8 +259,7 @@ void add(safetensors_writer& out, const expert_bank<Expert, N>& bank, std::strin
 template <class T>
 void add(safetensors_writer& out, const router<T>& r, std::string_view prefix = "",
          std::optional<dtype> as = std::nullopt) {
-  for (const auto& s : r.layout())
-    out.add(std::string(prefix) + "router." + s.name, r.values().subspan(s.offset, s.size()), s.shape, as);
+  detail::add_slots(out, r.layout(), r.values(), std::string(prefix) + "router.", as);
 }
 
 /// Adds the layer's tensors to `out`: the bank, the router when the strategy uses one, the
@@ -265,6 +280,8 @@ void add(safetensors_writer& out, const layer<Expert, N, Backend>& l, std::strin
     const auto v = l.baseline().values();
     out.add(std::string(prefix) + "baseline.parameters", std::span<const T>(v), {v.size()}, as);
   }
+  if (l.strategy().strategy == strategy::soft_moe)
+    detail::add_slots(out, l.soft_moe().layout(), l.soft_moe().values(), std::string(prefix) + "soft_moe.", as);
   if (l.strategy().strategy == strategy::cluster) {
     const auto c = l.cluster_centres();
     out.add(std::string(prefix) + "clusters", std::span<const T>(c.data, c.rows * c.cols), {c.rows, c.cols}, as);
@@ -316,6 +333,9 @@ void load(const safetensors_file& file, layer<Expert, N, Backend>& l, std::strin
     auto v = l.baseline().values();
     stage_tensor("baseline.parameters", {v.size()}, v, "the REINFORCE baseline");
   }
+  if (l.strategy().strategy == strategy::soft_moe)
+    staged.push_back(detail::stage_slots(file, l.soft_moe().layout(), l.soft_moe().values(),
+                                         std::string(prefix) + "soft_moe.", map, "Soft MoE", finite));
   if (l.strategy().strategy == strategy::cluster) {
     auto c = l.cluster_centres();
     stage_tensor("clusters", {c.rows, c.cols}, {c.data, c.rows * c.cols}, "the cluster centres");

@@ -1,7 +1,7 @@
 #pragma once
 /// \file routing/plan.hpp
 /// What a routing strategy decides for one batch, as plain host data, and what it needs back
-/// from the backward pass. Every strategy reduces to one of three kinds of work, which every
+/// from the backward pass. Every strategy reduces to one of four kinds of work, which every
 /// backend's layer (the executor) runs without knowing the strategy:
 ///
 ///   merge    Θ̄_b = Σ_e W_be θ_e for the batch (one [B, N]·[N, P] GEMM); optionally through a
@@ -9,7 +9,11 @@
 ///   gather   parameter group g of example b is a copy of expert e_bg's (one group: the whole
 ///            vector);
 ///   mixture  example b runs k slots, slot j its expert e_bj with coefficient c_bj:
-///            y_b = Σ_j c_bj f(x_b; θ_e_bj) (+ x_b).
+///            y_b = Σ_j c_bj f(x_b; θ_e_bj) (+ x_b);
+///   soft     Soft MoE (smear/routing/soft_moe.hpp): per-token logits from the planner's own
+///            tensors; each expert runs on s slots mixed from the tokens, each token mixes the
+///            slots' outputs. The executor runs the planner's soft_moe, forward and backward, and
+///            reports in `weights` each expert's mean combine weight; the planner gets no feedback.
 ///
 /// Backward, the executor measures what the plan asks for (∂ℓ/∂W = G·Θᵀ for a merge,
 /// ⟨dy_b, f(x_b; θ_e_bj)⟩ for each mixture slot, the router's features) and the planner turns it
@@ -26,7 +30,7 @@
 namespace smear {
 
 /// The kind of work a plan asks for (see the file comment).
-enum class plan_kind { merge, gather, mixture };
+enum class plan_kind { merge, gather, mixture, soft };
 
 /// One batch's routing: what to merge, gather or mix, and what to report.
 ///

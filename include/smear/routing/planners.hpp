@@ -18,6 +18,7 @@
 #include "smear/routing/random.hpp"
 #include "smear/routing/reinforce.hpp"
 #include "smear/routing/smear.hpp"
+#include "smear/routing/soft_moe.hpp"
 #include "smear/routing/st_gumbel.hpp"
 #include "smear/routing/strategy.hpp"
 #include "smear/routing/switch_gate.hpp"
@@ -26,12 +27,16 @@
 namespace smear {
 
 /// The planner of strategy `o` (validated) for N experts with parameter layout `layout` and
-/// router features of `features` values; the planner's own parameters (skills, a learned
-/// baseline) are drawn from `init`. With one expert every strategy runs it as it is.
+/// router features of `features` values (the tokens' dimension); the planner's own parameters
+/// (skills, a learned baseline, Soft MoE's Φ with standard deviation `init_std`) are drawn from
+/// `init`. With one expert every strategy but Soft MoE (whose slots are not the tokens) runs it
+/// as it is.
 template <class T>
 std::unique_ptr<planner<T>> make_planner(const strategy_options& o, std::size_t experts, const parameter_layout& layout,
-                                         std::size_t features, rng& init) {
+                                         std::size_t features, double init_std, rng& init) {
   const std::size_t P = layout_size(layout);
+  if (o.strategy == strategy::soft_moe)
+    return std::make_unique<soft_moe_planner<T>>(features, experts, o.soft_slots, init_std, init);
   if (experts == 1) return std::make_unique<single_planner<T>>(P);
   switch (o.strategy) {
     case strategy::smear: return std::make_unique<smear_planner<T>>(experts);
@@ -42,6 +47,7 @@ std::unique_ptr<planner<T>> make_planner(const strategy_options& o, std::size_t 
     case strategy::latent_skills: return std::make_unique<latent_skills_planner<T>>(experts, o, init);
     case strategy::random: return std::make_unique<random_planner<T>>(experts, P);
     case strategy::cluster: return std::make_unique<cluster_planner<T>>(experts, P, features, o, init);
+    case strategy::soft_moe: break;  // above
     case strategy::top_k:
       switch (o.estimator) {
         case estimator::st_gumbel: return std::make_unique<st_gumbel_planner<T>>(experts, o.k, o.gumbel_temperature);

@@ -25,6 +25,9 @@ enum class strategy {
   latent_skills,  ///< a learned task × expert allocation (relaxed Bernoulli), merged per task
   random,         ///< expert = a uniform draw per example, every forward; no router
   cluster,        ///< expert = the nearest (cosine) of N online k-means centres of the pooled inputs; no router
+  soft_moe,       ///< Soft MoE (the official code's soft_input_routing): each expert runs on s slots, each slot
+                  ///< a softmax-over-tokens mix of the example's tokens; each token mixes the slots' outputs;
+                  ///< per-token logits from its own parameters (no router); experts that act per token only
 };
 
 /// The gradient estimator of top-k routing.
@@ -91,6 +94,7 @@ struct strategy_options {
   bool switch_renormalize = false;                      ///< switch_gate: scale by p_j / Σ_chosen p
   double cluster_momentum = 0.1;                        ///< cluster: c ← (1 − m)·c + m·mean of its members
   double cluster_init_scale = 1.0;                      ///< cluster: centres start as N(0, scale²)
+  std::size_t soft_slots = 1;                           ///< soft_moe: slots per expert s (the official default: 1)
 };
 
 /// Per-batch inputs some strategies need.
@@ -111,6 +115,7 @@ constexpr std::string_view to_string(strategy s) noexcept {
     case strategy::latent_skills: return "latent_skills";
     case strategy::random: return "random";
     case strategy::cluster: return "cluster";
+    case strategy::soft_moe: return "soft_moe";
   }
   return "?";
 }
@@ -126,13 +131,13 @@ constexpr std::string_view to_string(estimator e) noexcept {
 }
 
 /// Parses the names used on command lines: smear, ensemble, tag, hash, adamix, latent_skills,
-/// random, cluster, st_gumbel, reinforce, dselect, switch (the last four are top-1 with that
+/// random, cluster, soft_moe, st_gumbel, reinforce, dselect, switch (the last four are top-1 with that
 /// estimator). Throws
 /// value_error listing the names otherwise.
 inline strategy_options parse_strategy(std::string_view name) {
   strategy_options o;
   for (auto s : {strategy::smear, strategy::ensemble, strategy::tag, strategy::hash, strategy::adamix,
-                 strategy::latent_skills, strategy::random, strategy::cluster})
+                 strategy::latent_skills, strategy::random, strategy::cluster, strategy::soft_moe})
     if (name == to_string(s)) {
       o.strategy = s;
       return o;
@@ -145,7 +150,7 @@ inline strategy_options parse_strategy(std::string_view name) {
     }
   throw value_error(detail::message("unknown strategy '", name,
                                     "'; known: smear, ensemble, st_gumbel, reinforce, dselect, switch, tag, "
-                                    "hash, adamix, latent_skills, random, cluster"));
+                                    "hash, adamix, latent_skills, random, cluster, soft_moe"));
 }
 
 /// ⌈log₂ n⌉ for n ≥ 1 (at least 1): the number of DSelect-k gates for n experts.
@@ -156,7 +161,8 @@ constexpr std::size_t ceil_log2(std::size_t n) noexcept {
 }
 
 /// Whether the strategy has a learned router (smear, ensemble, top-k), whose tensors are then
-/// among a layer's parameters.
+/// among a layer's parameters. Soft MoE has none: its per-token logits come from its own
+/// tensors (smear/routing/soft_moe.hpp).
 constexpr bool has_router(const strategy_options& o) noexcept {
   return o.strategy == strategy::smear || o.strategy == strategy::ensemble || o.strategy == strategy::top_k;
 }
@@ -199,6 +205,8 @@ inline void validate(const strategy_options& o, std::size_t experts) {
        !std::isfinite(o.cluster_init_scale)))
     throw value_error(detail::message("cluster: cluster_momentum must be in [0, 1] and cluster_init_scale positive, got ",
                                       o.cluster_momentum, " and ", o.cluster_init_scale));
+  if (o.strategy == strategy::soft_moe && o.soft_slots < 1)
+    throw value_error("soft_moe: soft_slots (slots per expert) must be at least 1, got 0");
   if (o.strategy == strategy::latent_skills) {
     if (o.tasks == 0) throw value_error("latent_skills: set strategy_options::tasks to the number of tasks");
     if (!(o.skills_temperature > 0.0))
