@@ -197,8 +197,9 @@ class layer : public layer_core<Expert, N> {
   /// and merges once; the segment's other tokens reuse that merged expert. Step t gives what
   /// forward() of the whole sequences (every token valid) gives at position t. It reads the
   /// layer as the shared forward does (evaluation mode, const: decoders on one layer may run
-  /// on different threads) and merges anew when the layer's parameters change. Needs an
-  /// expert that acts on each token alone (adapter, LoRA, linear).
+  /// on different threads) and merges anew when the layer's parameters change. It refers to
+  /// the layer: keep the layer alive and in place while decoding. Needs an expert that acts
+  /// on each token alone (adapter, LoRA, linear).
   class decoder {
    public:
     /// Throws value_error without segment routing or for B = 0.
