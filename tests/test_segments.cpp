@@ -25,11 +25,7 @@ layer_options segmented(std::size_t length, strategy_options s = {}) {
   return o;
 }
 
-template <class Layer>
-void randomise(Layer& block, rng& gen, double scale = 0.5) {
-  for (auto& p : block.parameters())
-    for (auto& v : p.value) v = static_cast<typename Layer::value_type>(scale * gen.normal());
-}
+using testing::randomise;
 
 }  // namespace
 
@@ -83,14 +79,9 @@ TEST_CASE("segment routing: segment s is per-example SMEAR routed by segment s -
   rng gen{21};
   ref_layer<4> seg{E{d, 3}, segmented(ell), 22};
   ref_layer<4> plain{E{d, 3}, {}, 22};  // the same bank and router weights: the prior is drawn last
-  randomise(seg, gen);
-  {  // copy seg's parameters into plain, the prior left out
-    auto from = seg.parameters(), to = plain.parameters();
-    for (auto& t : to)
-      for (auto& f : from)
-        if (f.name == t.name) std::copy(f.value.begin(), f.value.end(), t.value.begin());
-    plain.invalidate_cache();
-  }
+  randomise(seg, gen, 0.5);
+  REQUIRE(testing::copy_parameters(seg, plain) == plain.parameters().size());  // all but the prior
+  plain.invalidate_cache();
   seg.train(false);
   plain.train(false);
   const auto x = random_vector<double>(B * 2 * ell * d, gen);
@@ -126,15 +117,12 @@ TEST_CASE("segment routing with one segment per example is SMEAR routed by the p
   rng gen{25};
   ref_layer<4> seg{E{d, 3}, segmented(L), 26};
   ref_layer<4> plain{E{d, 3}, {}, 26};
-  randomise(seg, gen);
-  auto from = seg.parameters(), to = plain.parameters();
-  std::vector<double> prior;
-  for (auto& f : from) {
-    if (f.name == "router.segment_prior") prior.assign(f.value.begin(), f.value.end());
-    for (auto& t : to)
-      if (f.name == t.name) std::copy(f.value.begin(), f.value.end(), t.value.begin());
-  }
+  randomise(seg, gen, 0.5);
+  REQUIRE(testing::copy_parameters(seg, plain) == plain.parameters().size());  // all but the prior
   plain.invalidate_cache();
+  const auto r = seg.router().values();
+  const std::vector<double> prior(r.begin() + static_cast<std::ptrdiff_t>(seg.router().segment_prior_offset()),
+                                  r.begin() + static_cast<std::ptrdiff_t>(seg.router().segment_prior_offset() + d));
   seg.train(false);
   plain.train(false);
   // the plain router's distribution for an input whose pooled vector is the prior
@@ -156,7 +144,7 @@ TEST_CASE("segment routing is causal: a token changes only its own output before
   rng gen{31};
   for (auto s : {strategy_options{}, strategy_options{.strategy = strategy::ensemble}}) {
     ref_layer<3> block{E{d, 2}, segmented(ell, s), 32};
-    randomise(block, gen);
+    randomise(block, gen, 0.5);
     block.train(false);
     const auto x = random_vector<double>(B * L * d, gen);
     std::vector<double> y(x.size()), y2(x.size());
@@ -243,7 +231,7 @@ TEST_CASE_TEMPLATE("segment routing: decoding one token at a time equals the who
     // L = 10 is not a multiple of 4: the whole-sequence forward runs the first 8 tokens, and
     // decoding goes on past them into a third segment, checked against a forward of 12
     layer<E, 3, Backend> block{E{d, 3}, segmented(ell, s), 52};
-    randomise(block, gen);
+    randomise(block, gen, 0.5);
     block.train(false);
     const auto x = random_vector<double>(B * 12 * d, gen);
     std::vector<double> y(x.size());

@@ -83,22 +83,7 @@ std::vector<double> by_hand(const Layer& block, const std::vector<double>& x, st
   return y;
 }
 
-template <class Layer>
-void randomise(Layer& block, rng& gen) {
-  for (auto& p : block.parameters())
-    for (auto& v : p.value) v = 0.5 * gen.normal();
-}
-
-/// Every parameter of `from` into the same-named one of `to`.
-template <class A, class Bl>
-void copy_parameters(A& from, Bl& to) {
-  auto src = from.parameters(), dst = to.parameters();
-  REQUIRE(src.size() == dst.size());
-  for (std::size_t i = 0; i < src.size(); ++i) {
-    REQUIRE(src[i].name == dst[i].name);
-    std::copy(src[i].value.begin(), src[i].value.end(), dst[i].value.begin());
-  }
-}
+using testing::randomise;
 
 }  // namespace
 
@@ -124,9 +109,9 @@ TEST_CASE("soft_moe: the output is the formulas' (plain loops), padding rows zer
     for (bool residual : {true, false}) {
       INFO("slots " << slots << ", residual " << residual);
       layer<adapter<double>, 3, backend::reference> ref{adapter<double>{5, 3}, soft(slots, residual), 3};
-      randomise(ref, gen);
+      randomise(ref, gen, 0.5);
       layer<adapter<double>, 3, backend::cpu> cpu{adapter<double>{5, 3}, soft(slots, residual), 3};
-      copy_parameters(ref, cpu);
+      REQUIRE(testing::copy_parameters(ref, cpu) == ref.parameters().size());
       std::vector<double> y(B * L * 5, 9.0), y_cpu(y.size(), 9.0);
       const auto xs = make_tokens<const double>(x.data(), B, L, 5, ragged);
       ref.forward(xs, y);

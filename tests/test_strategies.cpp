@@ -25,12 +25,7 @@ strategy_options top1(estimator e) { return {.strategy = strategy::top_k, .estim
 const std::vector<std::int32_t> lengths{4, 2, 3};
 constexpr std::size_t B = 3, L = 4;
 
-/// Random (not freshly initialised) parameters everywhere, so every path carries signal.
-template <class Layer>
-void randomise(Layer& block, rng& gen, double scale = 0.3) {
-  for (auto& p : block.parameters())
-    for (auto& v : p.value) v = static_cast<typename Layer::value_type>(scale * gen.normal());
-}
+using testing::randomise;
 
 /// Checks every gradient of `block` against central differences (smear::testing::check_layer).
 template <class Layer>

@@ -27,6 +27,29 @@ inline void check_reports(const std::vector<gradient_report>& reports, double to
   }
 }
 
+/// Random (not freshly initialised) values in every parameter of a layer, N(0, scale²), so
+/// every path carries signal.
+template <class Layer>
+void randomise(Layer& block, rng& gen, double scale = 0.3) {
+  for (auto& p : block.parameters())
+    for (auto& v : p.value) v = static_cast<typename Layer::value_type>(scale * gen.normal());
+}
+
+/// Copies each parameter of `from` into the parameter of `to` with the same name and size;
+/// returns how many were copied.
+template <class From, class To>
+std::size_t copy_parameters(From& from, To& to) {
+  std::size_t copied = 0;
+  auto src = from.parameters(), dst = to.parameters();
+  for (const auto& f : src)
+    for (auto& t : dst)
+      if (t.name == f.name && t.value.size() == f.value.size()) {
+        std::copy(f.value.begin(), f.value.end(), t.value.begin());
+        ++copied;
+      }
+  return copied;
+}
+
 /// Relative tolerance for comparing two computations of the same value in T.
 template <class T>
 constexpr double tolerance() {
