@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <filesystem>
+#include <limits>
 #include <smear/io/checkpoint.hpp>
 #include <smear/smear.hpp>
 
@@ -274,4 +275,17 @@ TEST_CASE("segment routing: the decoder's errors") {
   CHECK_THROWS_AS(dec.step(small, y), shape_error);
   dec.step(x, y);
   CHECK(dec.position() == 1);
+
+  auto o = segmented(2);
+  o.check_finite = true;
+  ref_layer<2> checked{E{4, 2}, o, 2};
+  checked.train(false);
+  ref_layer<2>::decoder cd{checked, 2};
+  x[5] = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH_AS(cd.step(x, y), doctest::Contains("x holds nan at flat index 5"), numeric_error);
+  CHECK(cd.position() == 0);
+  x[5] = 0;
+  checked.bank().values()(1, 0) = std::numeric_limits<double>::infinity();
+  CHECK_THROWS_WITH_AS(cd.step(x, y), doctest::Contains("of expert 1 holds inf"), numeric_error);
+  CHECK(cd.position() == 0);
 }

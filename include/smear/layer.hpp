@@ -216,7 +216,8 @@ class layer : public layer_core<Expert, N> {
 
     /// y ← the block's output for the next token of every sequence: x is [B, input_dim], y
     /// [B, output_dim]. Throws state_error in training mode, shape_error for wrong sizes, in
-    /// checked mode numeric_error for a non-finite x, changing nothing.
+    /// checked mode numeric_error for a non-finite x (or parameter, when it merges), changing
+    /// nothing.
     void step(std::span<const T> x, std::span<T> y) { layer_->decode(*this, x, y); }
     /// Tokens decoded so far.
     std::size_t position() const noexcept { return position_; }
@@ -323,10 +324,7 @@ class layer : public layer_core<Expert, N> {
     constexpr const char* op = "smear::layer::forward (shared)";
     if (this->training_)
       throw state_error(detail::message(op, ": the shared forward is for evaluation: call train(false) first"));
-    if (!ws.planner_ || ws.planner_version_ != this->version_) {
-      ws.planner_ = this->planner_->clone();
-      ws.planner_version_ = this->version_;
-    }
+    refresh_planner(ws);
     auto ctx = this->check_forward(x, y.size(), in, op);
     if (this->opt_.check_finite) check_forward_finite(x, *ws.planner_, op);
     run_forward({ws.plan_, ws.route_, ws.buf_}, *ws.planner_, ws.gen_, ctx, x, y, op);
@@ -407,6 +405,14 @@ class layer : public layer_core<Expert, N> {
     return {p.choices.data(), p.batch, p.choice_cols};
   }
 
+  /// A workspace's copy of the planner, taken again when the layer's parameters changed.
+  void refresh_planner(workspace& ws) const {
+    if (!ws.planner_ || ws.planner_version_ != this->version_) {
+      ws.planner_ = this->planner_->clone();
+      ws.planner_version_ = this->version_;
+    }
+  }
+
   // ---- decoding -------------------------------------------------------------------------
 
   void decode(decoder& dec, std::span<const T> x, std::span<T> y) const {
@@ -417,17 +423,18 @@ class layer : public layer_core<Expert, N> {
     if (x.size() != B * din || y.size() != B * this->output_dim())
       throw shape_error(detail::message(op, ": x has ", x.size(), " and y ", y.size(), " values, expected [B, d] = ",
                                         detail::shape(B, din), " and ", detail::shape(B, this->output_dim())));
-    if (this->opt_.check_finite) detail::check_finite<T>(x, op, "x");
+    const std::size_t t = dec.position_ % ell;
+    const bool merge = t == 0 || dec.merged_at_ != this->version_;  // a new segment, or new parameters
+    if (this->opt_.check_finite) {
+      detail::check_finite<T>(x, op, "x");
+      if (merge) check_parameters_finite(this->bank_.values(), this->router_.values(), op, "parameter");
+    }
     workspace& ws = dec.ws_;
     frame f{ws.plan_, ws.route_, ws.buf_};
-    const std::size_t t = dec.position_ % ell;
+    const Backend be{};
     if (t == 0 && dec.position_ > 0) std::swap(dec.previous_, dec.current_);
-    if (t == 0 || dec.merged_at_ != this->version_) {  // a new segment, or new parameters: route and merge
-      if (!ws.planner_ || ws.planner_version_ != this->version_) {
-        ws.planner_ = this->planner_->clone();
-        ws.planner_version_ = this->version_;
-      }
-      const Backend be{};
+    if (merge) {  // route and merge
+      refresh_planner(ws);
       route_context<T> ctx{.batch = B, .length = ell, .training = false, .step = this->steps_};
       ctx.inv_temperature = static_cast<T>(1.0 / this->router_.options().temperature);
       if (ws.planner_->router(ctx) != router_use::none) {
@@ -444,7 +451,6 @@ class layer : public layer_core<Expert, N> {
       ++dec.merges_;
     }
     for (std::size_t b = 0; b < B; ++b) std::copy_n(x.data() + b * din, din, dec.current_.data() + (b * ell + t) * din);
-    const Backend be{};
     const tokens<const T> xt{x.data(), B, 1, din, {}};
     if (f.plan.kind == plan_kind::mixture)
       apply_mixture(be, f, xt, y);
