@@ -22,14 +22,6 @@ if(TARGET smear_cuda)
   install(EXPORT smearCudaTargets NAMESPACE smear:: DESTINATION "${SMEAR_INSTALL_CMAKEDIR}")
 endif()
 
-# Whether the exported smear::smear links OpenMP, so the config finds it for consumers.
-get_target_property(_smear_links smear INTERFACE_LINK_LIBRARIES)
-if("OpenMP::OpenMP_CXX" IN_LIST _smear_links)
-  set(SMEAR_EXPORTS_OPENMP ON)
-else()
-  set(SMEAR_EXPORTS_OPENMP OFF)
-endif()
-
 configure_package_config_file("${PROJECT_SOURCE_DIR}/cmake/smearConfig.cmake.in"
   "${PROJECT_BINARY_DIR}/smearConfig.cmake"
   INSTALL_DESTINATION "${SMEAR_INSTALL_CMAKEDIR}")

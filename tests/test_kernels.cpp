@@ -5,15 +5,14 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <limits>
 #include <vector>
 
 #include "smear/backend/kernels.hpp"
 #include "support/testing.hpp"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace {
 
@@ -66,7 +65,8 @@ void check_shapes(smear::rng& gen) {
   // and the shapes of SMEAR's own products
   const shape shapes[] = {{1, 1, 1},    {2, 3, 1},     {5, 17, 3},    {7, 33, 9},     {13, 64, 8},
                           {6, 100, 31}, {12, 48, 64},  {37, 300, 515}, {3, 600, 301}, {9, 40, 1100},
-                          {32, 700, 8}, {8, 500, 32},  {21, 8, 2001}, {128, 64, 96},  {64, 96, 128}};
+                          {32, 700, 8}, {8, 500, 32},  {21, 8, 2001}, {128, 64, 96},  {64, 96, 128},
+                          {7, 208, 40}, {19, 1040, 300}};
   for (const auto& s : shapes)
     for (int t = 0; t < 4; ++t) {
       const bool ta = (t & 1) != 0, tb = (t & 2) != 0;
@@ -82,17 +82,48 @@ TEST_CASE("cpu gemm equals the reference gemm for every transpose, edge and path
   smear::rng gen{11};
   SUBCASE("float") { check_shapes<float>(gen); }
   SUBCASE("double") { check_shapes<double>(gen); }
-#ifdef _OPENMP
-  SUBCASE("split over two threads") {
-    const int before = omp_get_max_threads();
-    omp_set_num_threads(2);
-    for (int t = 0; t < 4; ++t) {
-      check_gemm<float>(128, 768, 64, (t & 1) != 0, (t & 2) != 0, 1.0f, 0.0f, gen);
-      check_gemm<float>(32, 4000, 8, (t & 1) != 0, (t & 2) != 0, 1.0f, 1.0f, gen);
+  SUBCASE("every instruction set this build and CPU have, forced") {
+    namespace be = smear::backend;
+    const be::cpu_isa before = be::selected_isa();
+    for (be::cpu_isa isa : {be::cpu_isa::baseline, be::cpu_isa::avx2, be::cpu_isa::avx512}) {
+      if (!be::available(isa)) {
+        CHECK_THROWS_AS(be::select_isa(isa), smear::value_error);
+        continue;
+      }
+      CAPTURE(be::name(isa));
+      be::select_isa(isa);
+      REQUIRE(be::selected_isa() == isa);
+      check_shapes<float>(gen);
+      check_shapes<double>(gen);
     }
-    omp_set_num_threads(before);
+    be::select_isa(before);
+    MESSAGE(be::cpu_kernels_report());
   }
-#endif
+  SUBCASE("split over two and three threads") {
+    // ctest runs this with SMEAR_NUM_THREADS=3 (tests/CMakeLists.txt)
+    REQUIRE_MESSAGE(smear::backend::thread_pool::shared().size() >= 3, "run with SMEAR_NUM_THREADS=3");
+    for (std::size_t threads : {2, 3}) {
+      const smear::backend::thread_limit limit(threads);
+      for (int t = 0; t < 4; ++t) {
+        check_gemm<float>(128, 768, 64, (t & 1) != 0, (t & 2) != 0, 1.0f, 0.0f, gen);
+        check_gemm<float>(32, 4000, 8, (t & 1) != 0, (t & 2) != 0, 1.0f, 1.0f, gen);
+      }
+    }
+  }
+}
+
+TEST_CASE("SMEAR_CPU_ISA selects an available instruction set, and nothing wider") {
+  namespace be = smear::backend;
+  const char* wanted = std::getenv("SMEAR_CPU_ISA");
+  const std::string text = wanted ? wanted : "";
+  MESSAGE(be::cpu_kernels_report() << (wanted ? " with SMEAR_CPU_ISA=" + text : std::string()));
+  for (be::cpu_isa isa : {be::cpu_isa::baseline, be::cpu_isa::avx2, be::cpu_isa::avx512})
+    if (text == (isa == be::cpu_isa::baseline ? "baseline" : be::name(isa)) && be::available(isa))
+      CHECK(be::selected_isa() == isa);
+  if (!wanted) {  // the widest available
+    CHECK(be::available(be::selected_isa()));
+    if (be::available(be::cpu_isa::avx512)) CHECK(be::selected_isa() == be::cpu_isa::avx512);
+  }
 }
 
 TEST_CASE("the direct kernels' transpose is a transpose, for every edge") {

@@ -1,7 +1,7 @@
 // One layer in evaluation mode shared by many threads, each with its own workspace: every
 // output equals the serial forward's bit for bit, across strategies (merge by router, the
 // inference cache, gathers, mixtures, pooled-input routing) and batch shapes. Built twice: in
-// smear_tests (OpenMP on) and as smear_thread_tests under ThreadSanitizer.
+// smear_tests and as smear_thread_tests under ThreadSanitizer.
 #include <doctest/doctest.h>
 
 #include <atomic>

@@ -21,10 +21,6 @@
 #include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include <smear/io/safetensors.hpp>
 #include <smear/smear.hpp>
 
@@ -215,13 +211,10 @@ int main_impl(int argc, char** argv) {
   const std::string cmd = argv[1];
   const examples::arguments o{"smear-resnet", argc, argv, 2, {"quiet"}};
   const fs::path data = o.text("data", (examples::data_root() / "resnet" / "emoji-32").string());
-  // One thread by default: on a shared or small machine, OpenMP threads spinning at barriers
-  // cost more than they bring for these small GEMMs.
-  const int threads = static_cast<int>(o.count("threads", 1));
-  Eigen::setNbThreads(threads);
-#ifdef _OPENMP
-  omp_set_num_threads(threads);
-#endif
+  // One thread by default: these GEMMs are small, and waking a second thread for each costs
+  // about what it brings.
+  const std::size_t threads = o.count("threads", 1);
+  const smear::backend::thread_limit limit(threads);  // everything smear runs from main
 
   if (cmd == "make-tiny") {
     if (o.positional().size() != 1) throw smear::value_error("usage: smear-resnet make-tiny DIR");

@@ -139,6 +139,7 @@ class layer : public layer_core<Expert, N> {
     std::vector<char> touched;  ///< [threads, N]: which rows of dbank this backward wrote
     typename smear::soft_moe<T>::workspace soft;  ///< a soft plan's dispatch, slots and combine
     std::size_t saved_stride = 0, scratch_stride = 0;
+    std::size_t threads = 1;                    ///< the thread count the per-thread buffers are for
     bool dw_ready = false;                      ///< dweights holds this backward's ∂ℓ/∂W
     std::shared_ptr<const cache_entry> cache;  ///< the cache entry theta points into
     typename core::unit_buffers units;          ///< the batch by routing units (segment routing)
@@ -308,6 +309,7 @@ class layer : public layer_core<Expert, N> {
   /// numeric_error (see check_finite in layer_options).
   void forward(tokens<const T> x, std::span<T> y, route_inputs in = {}) {
     constexpr const char* op = "smear::layer::forward";
+    const backend::thread_limit threads(this->opt_.threads);
     auto ctx = this->check_forward(x, y.size(), in, op);
     if (this->opt_.check_finite) check_forward_finite(x, *this->planner_, op);
     this->begin_forward();
@@ -322,6 +324,7 @@ class layer : public layer_core<Expert, N> {
   /// forward().
   void forward(workspace& ws, tokens<const T> x, std::span<T> y, route_inputs in = {}) const {
     constexpr const char* op = "smear::layer::forward (shared)";
+    const backend::thread_limit threads(this->opt_.threads);
     if (this->training_)
       throw state_error(detail::message(op, ": the shared forward is for evaluation: call train(false) first"));
     refresh_planner(ws);
@@ -336,6 +339,7 @@ class layer : public layer_core<Expert, N> {
   /// router gradient is that of the batch mean, mean_b (ℓ_b − baseline_b)·∇ log p_b(e_b).
   void backward(std::span<const T> dy, std::span<T> dx, std::span<const T> example_losses = {}) {
     constexpr const char* op = "smear::layer::backward";
+    const backend::thread_limit threads(buf_.threads);  // at most the forward's: its buffers are per thread
     this->check_backward(dy.size(), dx.size(), example_losses, op);
     const tokens<const T> x = this->last_;
     if (this->opt_.check_finite) {
@@ -417,6 +421,7 @@ class layer : public layer_core<Expert, N> {
 
   void decode(decoder& dec, std::span<const T> x, std::span<T> y) const {
     constexpr const char* op = "smear::layer::decoder::step";
+    const backend::thread_limit threads(this->opt_.threads);
     if (this->training_)
       throw state_error(detail::message(op, ": decoding is for evaluation: call train(false) first"));
     const std::size_t B = dec.batch_, din = this->input_dim(), ell = dec.length_;
@@ -558,6 +563,7 @@ class layer : public layer_core<Expert, N> {
     const std::size_t threads = backend::max_threads(be), k = slots(f.plan);
     const auto& ex = this->bank_.expert();
     buffers& w = f.buf;
+    w.threads = threads;
     w.saved_stride = ex.saved_size(L);
     // a run of the inference cache may hold the whole batch (group_runs)
     w.scratch_stride = ex.scratch_size(is_row_wise_expert<Expert> && cached(f.plan) ? B * L : L);

@@ -26,6 +26,10 @@ struct layer_options {
   /// computation itself produces from finite ones (an overflow) is reported after the work, as
   /// y, dx or the gradient tensor holding it.
   bool check_finite = false;
+  /// The most threads of the cpu backend's pool one call of this layer uses (0: all of them;
+  /// see smear/backend/cpu/thread_pool.hpp). Results depend on the count, not on the machine's
+  /// load: a count gives the same numbers every run.
+  std::size_t threads = 0;
 };
 
 /// Which of the official code's setups a preset follows (their annealing schedules differ).

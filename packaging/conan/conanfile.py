@@ -80,6 +80,8 @@ class SmearConan(ConanFile):
         core = self.cpp_info.components["core"]
         core.set_property("cmake_target_name", "smear::smear")
         core.requires = self._targets("eigen::eigen", "xsimd::xsimd")
+        if self.settings.os in ("Linux", "FreeBSD"):
+            core.system_libs = ["pthread"]  # the cpu backend's thread pool
         core.bindirs = []
         core.libdirs = []
         if self.options.io:

@@ -41,7 +41,7 @@ std::size_t steady_state_allocations(Layer& block, std::size_t B, std::size_t L,
     block.forward(tokens, y, route);
     if (block.training()) block.backward(dy, dx, losses);
   };
-  step();  // warm-up: buffers (and the OpenMP thread pool) are set up here
+  step();  // warm-up: buffers (and the thread pool) are set up here
   return count_allocations([&] {
     for (int i = 0; i < 3; ++i) step();
   });

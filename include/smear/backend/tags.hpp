@@ -8,8 +8,8 @@ namespace smear::backend {
 /// Plain loops in the element type: slow, obviously right, the oracle of every test.
 struct reference {};
 
-/// Eigen GEMMs over mapped buffers, xsimd element-wise loops, the batch spread over threads
-/// with OpenMP when the build enables it.
+/// Direct and Eigen GEMMs over mapped buffers (the direct kernel's instruction set chosen at
+/// run time), xsimd element-wise loops, the batch spread over smear's thread pool.
 struct cpu : reference {};
 
 /// cuBLAS and Thrust on an NVIDIA GPU (see smear/backend/cuda/); only with a CUDA compiler.

@@ -16,6 +16,11 @@
 #include <Eigen/Core>
 #include <xsimd/xsimd.hpp>
 
+#include "smear/backend/cpu/isa.hpp"
+#if defined(SMEAR_CPU_DISPATCH_AVX2) || defined(SMEAR_CPU_DISPATCH_AVX512)
+#include <immintrin.h>
+#endif
+
 /// Full unrolling of the register-tile loops, which GCC does not do by itself at -O2.
 #if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && !defined(__NVCOMPILER)
 #define SMEAR_UNROLL _Pragma("GCC unroll 16")
@@ -32,174 +37,128 @@
 
 namespace smear::backend::detail::direct {
 
-template <class T>
-using batch = xsimd::batch<T>;
-template <class T>
-inline constexpr std::size_t lanes = batch<T>::size;
-
-/// Register tiles are sized to the architecture's vector registers: 32 with AVX-512, 16
-/// assumed otherwise (R × C accumulators, C loaded batches of B and one broadcast).
-template <class T>
-inline constexpr bool wide_registers = sizeof(batch<T>) >= 64;
-
-/// C[R × C·w] = alpha · op(A)[R × depth] · B[depth × C·w] + beta · C. op(A)(i, k) is a[i·lda + k],
-/// or a[k·lda + i] when TransA. beta = 0 does not read C.
-template <class T, std::size_t R, std::size_t C, bool TransA>
-inline void micro_tile(std::size_t depth, const T* a, std::size_t lda, const T* b, std::size_t ldb, T* c,
-                       std::size_t ldc, T alpha, T beta) {
-  constexpr std::size_t w = lanes<T>;
-  batch<T> acc[R][C];
-  SMEAR_UNROLL
-  for (std::size_t r = 0; r < R; ++r)
-    SMEAR_UNROLL
-    for (std::size_t j = 0; j < C; ++j) acc[r][j] = batch<T>(T(0));
-  for (std::size_t k = 0; k < depth; ++k) {
-    const T* bk = b + k * ldb;
-    batch<T> bv[C];
-    SMEAR_UNROLL
-    for (std::size_t j = 0; j < C; ++j) {
-      bv[j] = batch<T>::load_unaligned(bk + j * w);
-      SMEAR_PREFETCH(bk + (C + j) * w);  // the next tile's columns
-    }
-    if constexpr (TransA) SMEAR_PREFETCH(a + k * lda + 16);  // the next rows' values of op(A)
-    SMEAR_UNROLL
-    for (std::size_t r = 0; r < R; ++r) {
-      const batch<T> av(TransA ? a[k * lda + r] : a[r * lda + k]);
-      SMEAR_UNROLL
-      for (std::size_t j = 0; j < C; ++j) acc[r][j] = xsimd::fma(av, bv[j], acc[r][j]);
-    }
-  }
-  const batch<T> va(alpha), vb(beta);
-  SMEAR_UNROLL
-  for (std::size_t r = 0; r < R; ++r)
-    SMEAR_UNROLL
-    for (std::size_t j = 0; j < C; ++j) {
-      T* p = c + r * ldc + j * w;
-      batch<T> v = va * acc[r][j];
-      if (beta != T(0)) v = xsimd::fma(vb, batch<T>::load_unaligned(p), v);
-      v.store_unaligned(p);
-    }
-}
-
-/// R rows of C (R known at compile time) over the columns [0, cols), C batches at a time.
-template <class T, std::size_t R, std::size_t C, bool TransA>
-inline void row_panel(std::size_t cols, std::size_t depth, const T* a, std::size_t lda, const T* b, std::size_t ldb,
-                      T* c, std::size_t ldc, T alpha, T beta) {
-  constexpr std::size_t w = lanes<T>;
-  std::size_t j = 0;
-  for (; j + C * w <= cols; j += C * w) micro_tile<T, R, C, TransA>(depth, a, lda, b + j, ldb, c + j, ldc, alpha, beta);
-  for (; j < cols; j += w) micro_tile<T, R, 1, TransA>(depth, a, lda, b + j, ldb, c + j, ldc, alpha, beta);
-}
-
-/// The last rows - fewer than a whole tile of R - with their count chosen at compile time.
-template <class T, std::size_t R, std::size_t C, bool TransA>
-inline void row_remainder(std::size_t rows, std::size_t cols, std::size_t depth, const T* a, std::size_t lda,
-                          const T* b, std::size_t ldb, T* c, std::size_t ldc, T alpha, T beta) {
-  if constexpr (R > 1) {
-    if (rows == R - 1) return row_panel<T, R - 1, C, TransA>(cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
-    row_remainder<T, R - 1, C, TransA>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
-  }
-}
-
 /// Bytes of B one column block may span: it is read once from memory, then from L2 for
 /// every tile of rows.
 inline constexpr std::size_t block_bytes = std::size_t{256} << 10;
 
-/// C = alpha · op(A) · B + beta · C with R × C register tiles.
-template <class T, std::size_t R, std::size_t C, bool TransA>
-void gemm_tiled(std::size_t rows, std::size_t cols, std::size_t depth, const T* a, std::size_t lda, const T* b,
-                std::size_t ldb, T* c, std::size_t ldc, T alpha, T beta) {
-  constexpr std::size_t unit = C * lanes<T>;
-  const std::size_t width = std::max(unit, block_bytes / (sizeof(T) * std::max<std::size_t>(depth, 1)) / unit * unit);
-  for (std::size_t j0 = 0; j0 < cols; j0 += width) {
-    const std::size_t n = std::min(width, cols - j0);
-    std::size_t i = 0;
-    for (; i + R <= rows; i += R) {
-      const T* ai = TransA ? a + i : a + i * lda;
-      row_panel<T, R, C, TransA>(n, depth, ai, lda, b + j0, ldb, c + i * ldc + j0, ldc, alpha, beta);
-    }
-    if (i < rows)
-      row_remainder<T, R, C, TransA>(rows - i, n, depth, TransA ? a + i : a + i * lda, lda, b + j0, ldb,
-                                     c + i * ldc + j0, ldc, alpha, beta);
+/// The kernels for the build's own flags, over xsimd's default batch.
+namespace baseline {
+template <class T>
+struct simd {
+  using batch = xsimd::batch<T>;
+  static constexpr std::size_t lanes = batch::size;
+  static batch set1(T v) noexcept { return batch(v); }
+  static batch load(const T* p) noexcept { return batch::load_unaligned(p); }
+  static void store(T* p, const batch& v) noexcept { v.store_unaligned(p); }
+  static batch mul(const batch& a, const batch& b) noexcept { return a * b; }
+  static batch fma(const batch& a, const batch& b, const batch& c) noexcept { return xsimd::fma(a, b, c); }
+};
+#include "smear/backend/cpu/direct_gemm.inl"
+}  // namespace baseline
+
+#if defined(SMEAR_CPU_DISPATCH_AVX2)
+SMEAR_TARGET_BEGIN("avx2,fma")
+/// The kernels again, compiled for AVX2 + FMA.
+namespace avx2 {
+template <class T>
+struct simd;
+template <>
+struct simd<float> {
+  using batch = __m256;
+  static constexpr std::size_t lanes = 8;
+  static batch set1(float v) noexcept { return _mm256_set1_ps(v); }
+  static batch load(const float* p) noexcept { return _mm256_loadu_ps(p); }
+  static void store(float* p, batch v) noexcept { _mm256_storeu_ps(p, v); }
+  static batch mul(batch a, batch b) noexcept { return _mm256_mul_ps(a, b); }
+  static batch fma(batch a, batch b, batch c) noexcept { return _mm256_fmadd_ps(a, b, c); }
+};
+template <>
+struct simd<double> {
+  using batch = __m256d;
+  static constexpr std::size_t lanes = 4;
+  static batch set1(double v) noexcept { return _mm256_set1_pd(v); }
+  static batch load(const double* p) noexcept { return _mm256_loadu_pd(p); }
+  static void store(double* p, batch v) noexcept { _mm256_storeu_pd(p, v); }
+  static batch mul(batch a, batch b) noexcept { return _mm256_mul_pd(a, b); }
+  static batch fma(batch a, batch b, batch c) noexcept { return _mm256_fmadd_pd(a, b, c); }
+};
+#include "smear/backend/cpu/direct_gemm.inl"
+}  // namespace avx2
+SMEAR_TARGET_END
+#endif
+
+#if defined(SMEAR_CPU_DISPATCH_AVX512)
+SMEAR_TARGET_BEGIN("avx512f,avx2,fma")
+/// The kernels again, compiled for AVX-512F.
+namespace avx512 {
+template <class T>
+struct simd;
+template <>
+struct simd<float> {
+  using batch = __m512;
+  static constexpr std::size_t lanes = 16;
+  static batch set1(float v) noexcept { return _mm512_set1_ps(v); }
+  static batch load(const float* p) noexcept { return _mm512_loadu_ps(p); }
+  static void store(float* p, batch v) noexcept { _mm512_storeu_ps(p, v); }
+  static batch mul(batch a, batch b) noexcept { return _mm512_mul_ps(a, b); }
+  static batch fma(batch a, batch b, batch c) noexcept { return _mm512_fmadd_ps(a, b, c); }
+};
+template <>
+struct simd<double> {
+  using batch = __m512d;
+  static constexpr std::size_t lanes = 8;
+  static batch set1(double v) noexcept { return _mm512_set1_pd(v); }
+  static batch load(const double* p) noexcept { return _mm512_loadu_pd(p); }
+  static void store(double* p, batch v) noexcept { _mm512_storeu_pd(p, v); }
+  static batch mul(batch a, batch b) noexcept { return _mm512_mul_pd(a, b); }
+  static batch fma(batch a, batch b, batch c) noexcept { return _mm512_fmadd_pd(a, b, c); }
+};
+#include "smear/backend/cpu/direct_gemm.inl"
+}  // namespace avx512
+SMEAR_TARGET_END
+#endif
+
+/// The SIMD width of the selected kernels for T: gemm() takes C a whole number of it wide.
+template <class T>
+std::size_t lanes() noexcept {
+  switch (selected_isa()) {
+#if defined(SMEAR_CPU_DISPATCH_AVX512)
+    case cpu_isa::avx512: return avx512::lanes<T>;
+#endif
+#if defined(SMEAR_CPU_DISPATCH_AVX2)
+    case cpu_isa::avx2: return avx2::lanes<T>;
+#endif
+    default: return baseline::lanes<T>;
   }
 }
 
-/// C = alpha · op(A) · B + beta · C, all row-major; op(A) is rows × depth, and cols a multiple
-/// of the SIMD width (other shapes go to Eigen, see gemm_serial). With 32 vector
-/// registers, a C several tiles wide gets 8 × 3 tiles (fewer loads of B per multiply-add: the
-/// faster shape when B comes from L2), a narrow one 6 × 4 (a 64-wide C in one tile).
+/// C = alpha · op(A) · B + beta · C (see direct_gemm.inl) with the selected kernels.
 template <class T, bool TransA>
 void gemm(std::size_t rows, std::size_t cols, std::size_t depth, const T* a, std::size_t lda, const T* b,
           std::size_t ldb, T* c, std::size_t ldc, T alpha, T beta) {
-  if constexpr (wide_registers<T>) {
-    if (cols >= 4 * 3 * lanes<T>)
-      return gemm_tiled<T, 8, 3, TransA>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
-    return gemm_tiled<T, 6, 4, TransA>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
-  } else {
-    return gemm_tiled<T, 4, 2, TransA>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
+  switch (selected_isa()) {
+#if defined(SMEAR_CPU_DISPATCH_AVX512)
+    case cpu_isa::avx512: return avx512::gemm<T, TransA>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
+#endif
+#if defined(SMEAR_CPU_DISPATCH_AVX2)
+    case cpu_isa::avx2: return avx2::gemm<T, TransA>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
+#endif
+    default: return baseline::gemm<T, TransA>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
   }
 }
 
-/// C[rows × cols] at (i, j) = alpha · A[i]·B[j] + beta · C for `rows` rows of A and `cols` rows
-/// of B (at most the tile), over depth values.
-template <class T, std::size_t R, std::size_t C>
-inline void dot_tile(std::size_t depth, const T* a, std::size_t lda, const T* b, std::size_t ldb, T* c,
-                     std::size_t ldc, T alpha, T beta) {
-  constexpr std::size_t w = lanes<T>;
-  batch<T> acc[R * C];
-  SMEAR_UNROLL
-  for (std::size_t l = 0; l < R * C; ++l) acc[l] = batch<T>(T(0));
-  std::size_t k = 0;
-  for (; k + w <= depth; k += w) {
-    batch<T> av[R], bv[C];
-    SMEAR_UNROLL
-    for (std::size_t r = 0; r < R; ++r) av[r] = batch<T>::load_unaligned(a + r * lda + k);
-    SMEAR_UNROLL
-    for (std::size_t j = 0; j < C; ++j) bv[j] = batch<T>::load_unaligned(b + j * ldb + k);
-    SMEAR_UNROLL
-    for (std::size_t r = 0; r < R; ++r)
-      SMEAR_UNROLL
-      for (std::size_t j = 0; j < C; ++j) acc[r * C + j] = xsimd::fma(av[r], bv[j], acc[r * C + j]);
-  }
-  for (std::size_t r = 0; r < R; ++r)
-    for (std::size_t j = 0; j < C; ++j) {
-      alignas(64) T part[w];
-      acc[r * C + j].store_aligned(part);
-      T s = T(0);
-      for (std::size_t l = 0; l < w; ++l) s += part[l];
-      for (std::size_t kk = k; kk < depth; ++kk) s += a[r * lda + kk] * b[j * ldb + kk];
-      T& out = c[r * ldc + j];
-      out = beta == T(0) ? alpha * s : alpha * s + beta * out;
-    }
-}
-
-/// C = alpha · A · Bᵀ + beta · C, row-major A [rows × depth], B [cols × depth], C [rows × cols],
-/// as dot products along the rows of both, for a deep product: tiles of R rows of A × C rows
-/// of B, one accumulator batch each, summed across its lanes at the end (little next to the
-/// depth). The depth is split into chunks whose rows of B stay in L2.
+/// C = alpha · A · Bᵀ + beta · C as dot products (see direct_gemm.inl) with the selected kernels.
 template <class T>
 void gemm_nt(std::size_t rows, std::size_t cols, std::size_t depth, const T* a, std::size_t lda, const T* b,
              std::size_t ldb, T* c, std::size_t ldc, T alpha, T beta) {
-  constexpr std::size_t R = wide_registers<T> ? 4 : 2, C = 4, w = lanes<T>;
-  const std::size_t chunk = std::max<std::size_t>(256, block_bytes / (sizeof(T) * cols) / w * w);
-  for (std::size_t k0 = 0; k0 < depth; k0 += chunk) {
-    const std::size_t kc = std::min(chunk, depth - k0);
-    const T beta_k = k0 == 0 ? beta : T(1);
-    for (std::size_t i = 0; i < rows; i += R) {
-      const std::size_t nr = std::min(R, rows - i);
-      for (std::size_t j = 0; j < cols; j += C) {
-        const std::size_t nc = std::min(C, cols - j);
-        const T* ai = a + i * lda + k0;
-        const T* bj = b + j * ldb + k0;
-        T* cij = c + i * ldc + j;
-        if (nr == R && nc == C)
-          dot_tile<T, R, C>(kc, ai, lda, bj, ldb, cij, ldc, alpha, beta_k);
-        else  // an edge tile, one dot product at a time
-          for (std::size_t r = 0; r < nr; ++r)
-            for (std::size_t q = 0; q < nc; ++q)
-              dot_tile<T, 1, 1>(kc, ai + r * lda, lda, bj + q * ldb, ldb, cij + r * ldc + q, ldc, alpha, beta_k);
-      }
-    }
+  switch (selected_isa()) {
+#if defined(SMEAR_CPU_DISPATCH_AVX512)
+    case cpu_isa::avx512: return avx512::gemm_nt<T>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
+#endif
+#if defined(SMEAR_CPU_DISPATCH_AVX2)
+    case cpu_isa::avx2: return avx2::gemm_nt<T>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
+#endif
+    default: return baseline::gemm_nt<T>(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha, beta);
   }
 }
 

@@ -1,11 +1,10 @@
 #pragma once
 /// \file backend/cpu/kernels.hpp
 /// The cpu backend's kernels: GEMMs through Eigen maps over the caller's buffers (no copies),
-/// element-wise loops through xsimd, the batch spread over OpenMP threads when enabled.
+/// element-wise loops through xsimd, the batch spread over the threads of thread_pool.hpp.
 
 #include <algorithm>
 #include <cstddef>
-#include <exception>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -13,11 +12,8 @@
 #include <Eigen/Core>
 #include <xsimd/xsimd.hpp>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "smear/backend/cpu/direct_gemm.hpp"
+#include "smear/backend/cpu/thread_pool.hpp"
 #include "smear/backend/reference/kernels.hpp"
 
 namespace smear::backend {
@@ -156,7 +152,7 @@ void gemm_serial(bool trans_a, bool trans_b, T alpha, matrix_ref<const T> a, mat
   // read in place and A·Bᵀ through a transposed copy of a small B, for C a whole number of
   // SIMD batches wide; a deeper A·Bᵀ as dot products.
   const bool small_bt = depth * c.cols * sizeof(T) <= direct_transpose_bytes;
-  if (!vector_like && depth > 0 && depth <= direct_depth && c.cols % direct::lanes<T> == 0 &&
+  if (!vector_like && depth > 0 && depth <= direct_depth && c.cols % direct::lanes<T>() == 0 &&
       !(trans_a && trans_b) && (!trans_b || small_bt)) {
     const T* bp = b.data;
     std::size_t ldb = b.stride;
@@ -214,48 +210,51 @@ inline constexpr double gemm_parallel_work = 1 << 21;
 
 }  // namespace detail
 
-/// Outside a parallel region, a large GEMM is split over the OpenMP threads by blocks of C's
-/// rows or columns (whichever is longer), each thread running the blocked kernel on its block:
-/// this is what keeps both cores busy when the batch is smaller than the thread count, and
-/// what spreads the merge and bank GEMMs. The split is static, so results are deterministic
-/// for a fixed thread count. Inside a parallel region (the per-example loop) it runs serially.
+/// How many threads the cpu backend's work started here may use: the pool's, or fewer under a
+/// thread_limit; 1 inside a job of the pool (its chunks run on one thread each).
+inline std::size_t max_threads(cpu) {
+  if (detail::inside_job()) return 1;
+  const std::size_t pool = thread_pool::shared().size(), limit = detail::thread_limit_value();
+  return limit == 0 ? pool : std::min(pool, limit);
+}
+
+/// A large GEMM is split over the threads by blocks of C's rows or columns (whichever is
+/// longer), each block run by the serial kernel: this is what keeps both cores busy when the
+/// batch is smaller than the thread count, and what spreads the merge and bank GEMMs. The
+/// split depends only on the thread count, so for a fixed count the results do not depend on
+/// which thread ran which block. Inside a job of the pool (the per-example loop) it is serial.
 template <class T>
-void gemm(cpu, bool trans_a, bool trans_b, T alpha, matrix_ref<const T> a, matrix_ref<const T> b,
+void gemm(cpu be, bool trans_a, bool trans_b, T alpha, matrix_ref<const T> a, matrix_ref<const T> b,
           T beta, matrix_ref<T> c) {
-#ifdef _OPENMP
   const std::size_t depth = trans_a ? a.rows : a.cols;
-  const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
+  const std::size_t parts = max_threads(be);
   const std::size_t longest = c.rows >= c.cols ? c.rows : c.cols;
-  if (threads > 1 && longest >= 2 * 16 &&
+  if (parts > 1 && longest >= 2 * 16 &&
       double(c.rows) * double(c.cols) * double(depth) >= detail::gemm_parallel_work) {
     const bool by_rows = c.rows >= c.cols;
-    const auto parts = static_cast<std::size_t>(threads);
     // blocks of whole 16-element groups: threads do not share cache lines of C
     const std::size_t groups = (longest + 15) / 16;
-#pragma omp parallel num_threads(threads)
-    {
-      const auto t = static_cast<std::size_t>(omp_get_thread_num());
+    auto block = [&](std::size_t t) {
       const std::size_t first = std::min(longest, groups * t / parts * 16);
       const std::size_t last = std::min(longest, groups * (t + 1) / parts * 16);
-      if (last > first) {
-        const std::size_t n = last - first;
-        if (by_rows) {
-          // rows [first, last) of C come from rows of op(A)
-          const matrix_ref<const T> as =
-              trans_a ? matrix_ref<const T>{a.data + first, a.rows, n, a.stride} : a.middle_rows(first, n);
-          detail::gemm_serial<T>(trans_a, trans_b, alpha, as, b, beta, c.middle_rows(first, n));
-        } else {
-          // columns [first, last) of C come from columns of op(B)
-          const matrix_ref<const T> bs =
-              trans_b ? b.middle_rows(first, n) : matrix_ref<const T>{b.data + first, b.rows, n, b.stride};
-          detail::gemm_serial<T>(trans_a, trans_b, alpha, a, bs, beta,
-                                 matrix_ref<T>{c.data + first, c.rows, n, c.stride});
-        }
+      if (last <= first) return;
+      const std::size_t n = last - first;
+      if (by_rows) {
+        // rows [first, last) of C come from rows of op(A)
+        const matrix_ref<const T> as =
+            trans_a ? matrix_ref<const T>{a.data + first, a.rows, n, a.stride} : a.middle_rows(first, n);
+        detail::gemm_serial<T>(trans_a, trans_b, alpha, as, b, beta, c.middle_rows(first, n));
+      } else {
+        // columns [first, last) of C come from columns of op(B)
+        const matrix_ref<const T> bs =
+            trans_b ? b.middle_rows(first, n) : matrix_ref<const T>{b.data + first, b.rows, n, b.stride};
+        detail::gemm_serial<T>(trans_a, trans_b, alpha, a, bs, beta, matrix_ref<T>{c.data + first, c.rows, n, c.stride});
       }
-    }
+    };
+    if (!thread_pool::shared().run(parts, block))
+      for (std::size_t t = 0; t < parts; ++t) block(t);
     return;
   }
-#endif
   detail::gemm_serial<T>(trans_a, trans_b, alpha, a, b, beta, c);
 }
 
@@ -336,37 +335,23 @@ void axpy(cpu, T alpha, std::span<const T> x, std::span<T> y) {
   for (; i < x.size(); ++i) y[i] += alpha * x[i];
 }
 
-/// Static schedule over OpenMP threads: for a fixed thread count the split, and so every
-/// result, is deterministic.
+/// f(i, chunk) for every i in [0, n): the indices split into max_threads() contiguous chunks
+/// (fewer when n is smaller), chunk c run in order by one thread. The split depends only on the
+/// thread count, so a task may keep per-chunk state (chunk < max_threads()) and results are
+/// deterministic for a fixed count, whichever thread ran a chunk and even when the pool was
+/// busy and the caller ran every chunk itself.
 template <class F>
-void parallel_for(cpu, std::size_t n, F&& f) {
-#ifdef _OPENMP
-  if (n > 1 && omp_get_max_threads() > 1 && !omp_in_parallel()) {
-    const auto count = static_cast<long long>(n);
-    // an exception must not leave an OpenMP region: keep the first, rethrow it after the loop
-    std::exception_ptr error;
-#pragma omp parallel for schedule(static)
-    for (long long i = 0; i < count; ++i) {
-      try {
-        f(static_cast<std::size_t>(i), static_cast<std::size_t>(omp_get_thread_num()));
-      } catch (...) {
-#pragma omp critical(smear_parallel_for_error)
-        if (!error) error = std::current_exception();
-      }
-    }
-    if (error) std::rethrow_exception(error);
+void parallel_for(cpu be, std::size_t n, F&& f) {
+  const std::size_t chunks = std::min(n, max_threads(be));
+  if (chunks <= 1) {
+    for (std::size_t i = 0; i < n; ++i) f(i, std::size_t{0});
     return;
   }
-#endif
-  for (std::size_t i = 0; i < n; ++i) f(i, std::size_t{0});
-}
-
-inline std::size_t max_threads(cpu) {
-#ifdef _OPENMP
-  return static_cast<std::size_t>(omp_get_max_threads());
-#else
-  return 1;
-#endif
+  auto chunk = [&](std::size_t c) {
+    for (std::size_t i = n * c / chunks, last = n * (c + 1) / chunks; i < last; ++i) f(i, c);
+  };
+  if (!thread_pool::shared().run(chunks, chunk))
+    for (std::size_t c = 0; c < chunks; ++c) chunk(c);
 }
 
 }  // namespace smear::backend
