@@ -9,7 +9,11 @@
 // gemm_square/n:.../threads:... (one square GEMM, the machine's peak for reference).
 // modes: fwd (inference: forward only) and fwdbwd (training: forward then backward).
 // shared/fwd/.../callers:K: inference throughput of one evaluation layer shared by K threads,
-// each with its own workspace and one OpenMP thread (examples/s over all callers).
+// each with its own workspace and one thread of the pool (examples/s over all callers).
+// loaded/...: the same as the plain row while a competing process (started for the run and
+// stopped after it) keeps one core busy: what a shared machine gives.
+// fma_peak/threads:T: a register-only loop of independent FMAs at the widest vector width the
+// CPU runs, on T threads of the pool: the machine's peak, measured in the same run.
 // decode/d:768/m:64/N:8/segment:S/B:B and decode_single/...: generating one token at a time
 // (tokens/s): SMEAR with causal segment routing through smear::layer::decoder, which merges
 // at each segment's first token, against a single adapter's forward of each token; one
@@ -28,12 +32,17 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
+#include <csignal>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
 #endif
 
 #include "smear/smear.hpp"
@@ -89,13 +98,27 @@ struct workload {
   }
 };
 
-void set_threads(std::size_t t) {
-#ifdef _OPENMP
-  omp_set_num_threads(static_cast<int>(t));
-#else
-  (void)t;
-#endif
-}
+/// A child process that keeps one core busy from construction to destruction.
+class competing_process {
+ public:
+  competing_process() : pid_(fork()) {
+    if (pid_ == 0) {
+      volatile std::uint64_t i = 0;
+      for (;;) i = i + 1;  // nothing but the CPU: safe in the child of a threaded process
+    }
+  }
+  competing_process(const competing_process&) = delete;
+  competing_process& operator=(const competing_process&) = delete;
+  ~competing_process() {
+    if (pid_ <= 0) return;
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+  }
+  bool started() const noexcept { return pid_ > 0; }
+
+ private:
+  pid_t pid_;
+};
 
 std::vector<float> random_vector(std::size_t n, std::uint64_t seed) {
   smear::rng gen{seed};
@@ -107,8 +130,8 @@ std::vector<float> random_vector(std::size_t n, std::uint64_t seed) {
 /// The layer options of a benchmark kind: top-1 is top_k with k = 1 (straight-through
 /// Gumbel-softmax, the default estimator), the ensemble mixes every expert's output, Soft MoE
 /// runs each expert on one slot per example.
-smear::layer_options options_for(kind k) {
-  smear::layer_options o{};
+smear::layer_options options_for(kind k, std::size_t threads) {
+  smear::layer_options o{.threads = threads};
   if (k == kind::top1) o.routing.strategy = smear::strategy::top_k;
   if (k == kind::ensemble) o.routing.strategy = smear::strategy::ensemble;
   if (k == kind::soft_moe) o.routing.strategy = smear::strategy::soft_moe;
@@ -116,10 +139,9 @@ smear::layer_options options_for(kind k) {
 }
 
 template <std::size_t N>
-void run_layer(benchmark::State& state, workload w) {
-  set_threads(w.threads);
+void run_layer(benchmark::State& state, workload w, bool loaded) {
   using expert = smear::adapter<float>;
-  smear::layer<expert, N> block{expert{w.d, w.m}, options_for(w.k), 42};
+  smear::layer<expert, N> block{expert{w.d, w.m}, options_for(w.k, w.threads), 42};
   const bool bw = w.md == mode::fwdbwd;
   block.train(bw);
   const std::size_t size = w.batch * w.length * w.d;
@@ -143,11 +165,18 @@ void run_layer(benchmark::State& state, workload w) {
     if (bw) block.backward(dy, dx);
   };
   step();  // warm-up: buffers are sized here
-  for (auto _ : state) {
-    step();
-    benchmark::DoNotOptimize(y.data());
-    benchmark::DoNotOptimize(dx.data());
-    benchmark::ClobberMemory();
+  {
+    std::optional<competing_process> competitor;
+    if (loaded && !competitor.emplace().started()) {
+      state.SkipWithError("could not start the competing process");
+      return;
+    }
+    for (auto _ : state) {
+      step();
+      benchmark::DoNotOptimize(y.data());
+      benchmark::DoNotOptimize(dx.data());
+      benchmark::ClobberMemory();
+    }
   }
   if (w.k == kind::cached && block.cache_builds() != 1) {
     state.SkipWithError("the merged-expert cache was rebuilt during the timing");
@@ -165,9 +194,8 @@ void run_layer(benchmark::State& state, workload w) {
 /// (smear::layer::workspace); every timed iteration runs `per_call` forwards in each caller.
 void run_shared(benchmark::State& state, workload w, std::size_t callers) {
   constexpr std::size_t N = 8, per_call = 4;
-  set_threads(1);
   using expert = smear::adapter<float>;
-  smear::layer<expert, N> block{expert{w.d, w.m}, options_for(kind::smear), 42};
+  smear::layer<expert, N> block{expert{w.d, w.m}, options_for(kind::smear, 1), 42};
   block.train(false);
   const smear::layer<expert, N>& shared = block;
   const std::size_t size = w.batch * w.length * w.d;
@@ -176,7 +204,6 @@ void run_shared(benchmark::State& state, workload w, std::size_t callers) {
   std::vector<smear::layer<expert, N>::workspace> ws(callers);
   std::vector<std::vector<float>> y(callers, std::vector<float>(size));
   auto calls = [&](std::size_t c) {
-    set_threads(1);  // a new thread starts with OpenMP's default thread count, not main's
     for (std::size_t i = 0; i < per_call; ++i) shared.forward(ws[c], tokens, y[c]);
   };
   for (std::size_t c = 0; c < callers; ++c) calls(c);  // warm-up: buffers are sized here
@@ -193,7 +220,6 @@ void run_shared(benchmark::State& state, workload w, std::size_t callers) {
 /// iteration: SMEAR's decoder (N = 8) or, with `single`, one adapter's forward per token.
 void run_decode(benchmark::State& state, workload w, std::size_t segment, bool single) {
   constexpr std::size_t N = 8;
-  set_threads(w.threads);
   using expert = smear::adapter<float>;
   const std::vector<float> x = random_vector(w.batch * w.d, 1);
   std::vector<float> y(x.size());
@@ -207,13 +233,13 @@ void run_decode(benchmark::State& state, workload w, std::size_t segment, bool s
     state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * segment * w.batch));
   };
   if (single) {
-    smear::layer<expert, 1> block{expert{w.d, w.m}, {}, 42};
+    smear::layer<expert, 1> block{expert{w.d, w.m}, {.threads = w.threads}, 42};
     block.train(false);
     const auto tokens = smear::make_tokens<const float>(x.data(), w.batch, 1, w.d);
     run([&] { block.forward(tokens, y); });
     return;
   }
-  smear::layer_options o{};
+  smear::layer_options o{.threads = w.threads};
   o.router.segment_length = segment;
   smear::layer<expert, N> block{expert{w.d, w.m}, o, 42};
   block.train(false);
@@ -224,9 +250,10 @@ void run_decode(benchmark::State& state, workload w, std::size_t segment, bool s
 }
 
 /// The GEMMs of a SMEAR block at this shape, as plain Eigen products over preallocated
-/// matrices, spread over examples like the layer: the most the layer's GEMMs can reach.
+/// matrices, the per-example ones spread over the pool's threads like the layer's (the merge
+/// and bank products on one thread): the most the layer's GEMMs can reach through Eigen.
 void run_gemm(benchmark::State& state, workload w) {
-  set_threads(w.threads);
+  const smear::backend::thread_limit limit(w.threads);
   using mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using map = Eigen::Map<mat>;
   using cmap = Eigen::Map<const mat>;
@@ -259,13 +286,8 @@ void run_gemm(benchmark::State& state, workload w) {
   };
   auto step = [&] {
     merged.noalias() = probs * theta;
-#ifdef _OPENMP
-    if (w.batch > 1 && threads > 1) {
-#pragma omp parallel for schedule(static)
-      for (Eigen::Index b = 0; b < B; ++b) example(b, static_cast<std::size_t>(omp_get_thread_num()));
-    } else
-#endif
-      for (Eigen::Index b = 0; b < B; ++b) example(b, 0);
+    smear::backend::parallel_for(smear::backend::cpu{}, w.batch,
+                                 [&](std::size_t b, std::size_t t) { example(static_cast<Eigen::Index>(b), t); });
     if (bw) {
       dtheta.noalias() += probs.transpose() * grads;
       dprobs.noalias() = grads * theta.transpose();
@@ -281,9 +303,8 @@ void run_gemm(benchmark::State& state, workload w) {
   state.counters["GFLOP/s"] = benchmark::Counter(w.flops() * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-/// One n×n by n×n GEMM: what the cores can do at their best, for reference.
-void run_gemm_square(benchmark::State& state, std::size_t n, std::size_t threads) {
-  set_threads(threads);
+/// One n×n by n×n GEMM through Eigen on one thread, for reference.
+void run_gemm_square(benchmark::State& state, std::size_t n) {
   using mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const auto k = static_cast<Eigen::Index>(n);
   mat a = mat::Random(k, k), b = mat::Random(k, k), c(k, k);
@@ -296,16 +317,70 @@ void run_gemm_square(benchmark::State& state, std::size_t n, std::size_t threads
       benchmark::Counter(2.0 * double(n) * double(n) * double(n) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-void add(workload w) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/// `iterations` steps of 16 independent 512-bit (or 256-bit) FMA chains, in registers only;
+/// returns a value that depends on all of them, so none is optimised away.
+__attribute__((target("avx512f"))) float fma_loop_512(std::size_t iterations) {
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_set1_ps(float(i));
+  const __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
+  for (std::size_t n = 0; n < iterations; ++n)
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+  for (int i = 1; i < 16; ++i) acc[0] = _mm512_add_ps(acc[0], acc[i]);
+  float out[16];
+  _mm512_storeu_ps(out, acc[0]);
+  return out[0];
+}
+__attribute__((target("avx2,fma"))) float fma_loop_256(std::size_t iterations) {
+  __m256 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(float(i));
+  const __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
+  for (std::size_t n = 0; n < iterations; ++n)
+    for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], a, b);
+  for (int i = 1; i < 12; ++i) acc[0] = _mm256_add_ps(acc[0], acc[i]);
+  float out[8];
+  _mm256_storeu_ps(out, acc[0]);
+  return out[0];
+}
+#endif
+
+/// The FMA peak in GFLOP/s at the widest vector width this CPU runs, on `threads` threads.
+void run_fma_peak(benchmark::State& state, std::size_t threads) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  const bool wide = __builtin_cpu_supports("avx512f");
+  if (!wide && !__builtin_cpu_supports("fma")) {
+    state.SkipWithError("no FMA instructions on this CPU");
+    return;
+  }
+  constexpr std::size_t iterations = 1 << 20;
+  const double flops = wide ? 2.0 * 16 * 16 * iterations : 2.0 * 12 * 8 * iterations;
+  const smear::backend::thread_limit limit(threads);
+  std::vector<float> sink(threads);
+  for (auto _ : state) {
+    smear::backend::parallel_for(smear::backend::cpu{}, threads, [&](std::size_t i, std::size_t) {
+      sink[i] = wide ? fma_loop_512(iterations) : fma_loop_256(iterations);
+    });
+    benchmark::DoNotOptimize(sink.data());
+  }
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops * double(threads) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.SetLabel(wide ? "512-bit FMA" : "256-bit FMA");
+#else
+  (void)threads;
+  state.SkipWithError("the FMA peak loop is written for x86-64");
+#endif
+}
+
+void add(workload w, bool loaded = false) {
   auto* b = [&]() -> benchmark::internal::Benchmark* {
-    const std::string label = w.label();
+    const std::string label = (loaded ? "loaded/" : "") + w.label();
     if (w.k == kind::gemm) return benchmark::RegisterBenchmark(label.c_str(), run_gemm, w);
     switch (w.n) {
-      case 1: return benchmark::RegisterBenchmark(label.c_str(), run_layer<1>, w);
-      case 4: return benchmark::RegisterBenchmark(label.c_str(), run_layer<4>, w);
-      case 8: return benchmark::RegisterBenchmark(label.c_str(), run_layer<8>, w);
-      case 16: return benchmark::RegisterBenchmark(label.c_str(), run_layer<16>, w);
-      case 32: return benchmark::RegisterBenchmark(label.c_str(), run_layer<32>, w);
+      case 1: return benchmark::RegisterBenchmark(label.c_str(), run_layer<1>, w, loaded);
+      case 4: return benchmark::RegisterBenchmark(label.c_str(), run_layer<4>, w, loaded);
+      case 8: return benchmark::RegisterBenchmark(label.c_str(), run_layer<8>, w, loaded);
+      case 16: return benchmark::RegisterBenchmark(label.c_str(), run_layer<16>, w, loaded);
+      case 32: return benchmark::RegisterBenchmark(label.c_str(), run_layer<32>, w, loaded);
       default: return nullptr;
     }
   }();
@@ -328,6 +403,11 @@ void register_grid() {
               for (kind k : {kind::smear, kind::gemm, kind::top1, kind::ensemble, kind::soft_moe, kind::cached})
                 if (k != kind::cached || md == mode::fwd) add({k, md, s.d, s.m, n, length, batch, threads});
           }
+  // the key workload on a shared machine: one competing process
+  for (std::size_t threads : {1, 2})
+    for (auto md : {mode::fwd, mode::fwdbwd})
+      for (std::size_t batch : {32, 1})
+        for (kind k : {kind::smear, kind::single}) add({k, md, 768, 64, k == kind::single ? 1u : 8u, 128, batch, threads}, true);
   for (std::size_t callers : {1, 2, 4}) {
     const workload w{kind::smear, mode::fwd, 768, 64, 8, 128, 32, 1};
     benchmark::RegisterBenchmark(("shared/fwd/d:768/m:64/N:8/L:128/B:32/callers:" + std::to_string(callers)).c_str(),
@@ -348,9 +428,12 @@ void register_grid() {
             ->MeasureProcessCPUTime()
             ->Unit(benchmark::kMicrosecond);
       }
+  benchmark::RegisterBenchmark("gemm_square/n:1024/threads:1", run_gemm_square, std::size_t{1024})
+      ->UseRealTime()
+      ->MeasureProcessCPUTime()
+      ->Unit(benchmark::kMillisecond);
   for (std::size_t threads : {1, 2})
-    benchmark::RegisterBenchmark(("gemm_square/n:1024/threads:" + std::to_string(threads)).c_str(),
-                                 run_gemm_square, std::size_t{1024}, threads)
+    benchmark::RegisterBenchmark(("fma_peak/threads:" + std::to_string(threads)).c_str(), run_fma_peak, threads)
         ->UseRealTime()
         ->MeasureProcessCPUTime()
         ->Unit(benchmark::kMillisecond);
@@ -363,6 +446,8 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::AddCustomContext("smear_simd", xsimd::default_arch::name());
+  benchmark::AddCustomContext("smear_cpu_kernels", smear::backend::cpu_kernels_report());
+  benchmark::AddCustomContext("smear_threads", std::to_string(smear::backend::thread_pool::shared().size()));
   benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

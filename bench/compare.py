@@ -142,8 +142,9 @@ def main():
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per repetition")
     parser.add_argument("--wait-policy", default="passive",
-                        help="OMP_WAIT_POLICY for both sides ('' keeps the environment's); passive "
-                             "keeps idle OpenMP threads from spinning on a shared machine")
+                        help="OMP_WAIT_POLICY for PyTorch's OpenMP ('' keeps the environment's); "
+                             "passive keeps its idle threads from spinning on a shared machine (smear's "
+                             "own pool waits passively whatever it says)")
     parser.add_argument("--no-pytorch", action="store_true")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: elapsed time (the default; needs a quiet machine); cpu: the "
