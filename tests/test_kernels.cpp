@@ -100,7 +100,7 @@ TEST_CASE("cpu gemm equals the reference gemm for every transpose, edge and path
     MESSAGE(be::cpu_kernels_report());
   }
   SUBCASE("split over two and three threads") {
-    // ctest runs this with SMEAR_NUM_THREADS=3 (tests/CMakeLists.txt)
+    // the test programs make a pool of three threads (tests/main.cpp)
     REQUIRE_MESSAGE(smear::backend::thread_pool::shared().size() >= 3, "run with SMEAR_NUM_THREADS=3");
     for (std::size_t threads : {2, 3}) {
       const smear::backend::thread_limit limit(threads);

@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <cstddef>
-#include <vector>
 
 #include <Eigen/Core>
 #include <xsimd/xsimd.hpp>
@@ -198,13 +197,6 @@ void transpose(const T* src, std::size_t rows, std::size_t cols, std::size_t lds
 #if defined(__GNUC__)
 #pragma GCC diagnostic pop
 #endif
-
-/// Per-thread room for a transposed B.
-template <class T>
-std::vector<T>& transpose_buffer() {
-  thread_local std::vector<T> buffer;
-  return buffer;
-}
 
 }  // namespace smear::backend::detail::direct
 

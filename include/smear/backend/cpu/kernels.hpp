@@ -5,8 +5,10 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <deque>
 #include <span>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Core>
@@ -88,17 +90,61 @@ xsimd::batch<T> activate_derivative(activation act, const xsimd::batch<T>& x) {
 
 namespace detail {
 
-/// Eigen's packing buffers for one thread, grown at the first GEMM of a given size and reused:
-/// after a warm-up, GEMMs through this backend do not allocate (Eigen's own products put
-/// buffers over 128 KiB on the heap at every call).
-template <class T>
-struct gemm_buffers {
-  std::vector<T, Eigen::aligned_allocator<T>> a, b;
+/// Room the GEMMs grow once and reuse: Eigen's packing buffers (which Eigen's own products put
+/// on the heap at every call over 128 KiB) and a transposed B. A chunk of a job uses the room
+/// its caller keeps for that chunk (chunk_scratch), whichever thread runs it, and other work
+/// that of its thread: the same calls after a warm-up at the same shapes and thread count find
+/// it grown and allocate nothing.
+struct scratch {
+  using bytes = std::vector<unsigned char, Eigen::aligned_allocator<unsigned char>>;
+  bytes pack_a, pack_b, transposed;
+
+  /// Room for n values of T at the start of `b` (grown if needed).
+  template <class T>
+  static T* room(bytes& b, std::size_t n) {
+    if (b.size() < n * sizeof(T)) b.resize(n * sizeof(T));
+    return reinterpret_cast<T*>(b.data());
+  }
 };
-template <class T>
-gemm_buffers<T>& thread_gemm_buffers() {
-  thread_local gemm_buffers<T> buffers;
-  return buffers;
+
+/// The room of the chunk this thread is running, or null outside a job.
+inline scratch*& chunk_room() noexcept {
+  thread_local scratch* room = nullptr;
+  return room;
+}
+
+/// The room of this thread's work outside a job (made at its first use: a thread that only
+/// runs chunks never makes one).
+inline scratch& own_room() {
+  thread_local scratch own;
+  return own;
+}
+
+/// The room for the work this thread runs now.
+inline scratch& scratch_here() {
+  scratch* room = chunk_room();
+  return room != nullptr ? *room : own_room();
+}
+
+/// Runs body(c) for c in [0, chunks) on the pool, chunk c with the room that this calling
+/// thread keeps for its chunk c.
+template <class F>
+void run_chunks(std::size_t chunks, F& body) {
+  thread_local std::deque<scratch> rooms;
+  while (rooms.size() < chunks) rooms.emplace_back();
+  std::deque<scratch>& callers = rooms;  // this thread's: a worker's body must not name its own
+  auto task = [&](std::size_t c) {
+    scratch*& room = chunk_room();
+    scratch* const outer = std::exchange(room, &callers[c]);
+    try {
+      body(c);
+    } catch (...) {
+      room = outer;
+      throw;
+    }
+    room = outer;
+  };
+  thread_pool::shared().run(chunks, task);
 }
 
 /// Eigen's cache blocking over caller-owned packing buffers.
@@ -110,12 +156,9 @@ class gemm_blocking : public Eigen::internal::level3_blocking<T, T> {
     this->m_mc = mc;
     this->m_nc = nc;
     this->m_kc = kc;
-    auto& buffers = thread_gemm_buffers<T>();
-    const auto size_a = static_cast<std::size_t>(mc * kc), size_b = static_cast<std::size_t>(kc * nc);
-    if (buffers.a.size() < size_a) buffers.a.resize(size_a);
-    if (buffers.b.size() < size_b) buffers.b.resize(size_b);
-    this->m_blockA = buffers.a.data();
-    this->m_blockB = buffers.b.data();
+    scratch& room = scratch_here();
+    this->m_blockA = scratch::room<T>(room.pack_a, static_cast<std::size_t>(mc * kc));
+    this->m_blockB = scratch::room<T>(room.pack_b, static_cast<std::size_t>(kc * nc));
   }
 };
 
@@ -157,10 +200,9 @@ void gemm_serial(bool trans_a, bool trans_b, T alpha, matrix_ref<const T> a, mat
     const T* bp = b.data;
     std::size_t ldb = b.stride;
     if (trans_b) {
-      auto& buffer = direct::transpose_buffer<T>();
-      if (buffer.size() < depth * c.cols) buffer.resize(depth * c.cols);
-      direct::transpose(b.data, c.cols, depth, b.stride, buffer.data());
-      bp = buffer.data();
+      T* const transposed = scratch::room<T>(scratch_here().transposed, depth * c.cols);
+      direct::transpose(b.data, c.cols, depth, b.stride, transposed);
+      bp = transposed;
       ldb = c.cols;
     }
     if (trans_a)
@@ -251,8 +293,7 @@ void gemm(cpu be, bool trans_a, bool trans_b, T alpha, matrix_ref<const T> a, ma
         detail::gemm_serial<T>(trans_a, trans_b, alpha, a, bs, beta, matrix_ref<T>{c.data + first, c.rows, n, c.stride});
       }
     };
-    if (!thread_pool::shared().run(parts, block))
-      for (std::size_t t = 0; t < parts; ++t) block(t);
+    detail::run_chunks(parts, block);
     return;
   }
   detail::gemm_serial<T>(trans_a, trans_b, alpha, a, b, beta, c);
@@ -350,8 +391,7 @@ void parallel_for(cpu be, std::size_t n, F&& f) {
   auto chunk = [&](std::size_t c) {
     for (std::size_t i = n * c / chunks, last = n * (c + 1) / chunks; i < last; ++i) f(i, c);
   };
-  if (!thread_pool::shared().run(chunks, chunk))
-    for (std::size_t c = 0; c < chunks; ++c) chunk(c);
+  detail::run_chunks(chunks, chunk);
 }
 
 }  // namespace smear::backend

@@ -10,8 +10,8 @@
 /// thread (smear::backend::thread_limit) takes fewer of them.
 ///
 /// One job runs at a time: a caller that finds the pool busy (another thread of the program is
-/// using it) or that calls from inside a job runs its work on its own thread, split the same
-/// way, so results never depend on who ran what.
+/// using it) or that calls from inside a job runs its chunks on its own thread, each as a
+/// worker would run it, so results never depend on who ran what.
 
 #include <algorithm>
 #include <atomic>
@@ -23,6 +23,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #if defined(__linux__)
@@ -134,17 +135,18 @@ class thread_pool {
     return *pool;
   }
 
-  /// Runs task(c) for every c in [0, chunks) on the pool and returns true after all have run,
-  /// rethrowing the first exception a chunk threw; returns false without running anything when
-  /// the pool cannot take the job (busy, called from a job, or a forked child): the caller then
-  /// runs the chunks itself.
+  /// Runs task(c) for every c in [0, chunks) and returns after all have run, rethrowing the
+  /// first exception a chunk threw. The workers and the caller share the chunks; when the pool
+  /// cannot take the job (busy, called from a job, or a forked child) the caller runs them all.
+  /// Either way a chunk runs as inside a job (a nested call runs inline). Returns whether the
+  /// workers took part.
   template <class F>
   bool run(std::size_t chunks, F& task) {
     if (chunks < 2 || workers_.empty() || detail::inside_job() || chunks > max_chunks ||
         detail::forked().load(std::memory_order_relaxed))
-      return false;
+      return run_here(chunks, task);
     std::unique_lock lock(submit_, std::try_to_lock);
-    if (!lock.owns_lock()) return false;
+    if (!lock.owns_lock()) return run_here(chunks, task);
     invoke_ = [](void* ctx, std::size_t c) { (*static_cast<F*>(ctx))(c); };
     ctx_ = &task;
     error_ = nullptr;
@@ -160,6 +162,20 @@ class thread_pool {
   }
 
  private:
+  template <class F>
+  static bool run_here(std::size_t chunks, F& task) {
+    bool& inside = detail::inside_job();
+    const bool outer = std::exchange(inside, true);
+    try {
+      for (std::size_t c = 0; c < chunks; ++c) task(c);
+    } catch (...) {
+      inside = outer;
+      throw;
+    }
+    inside = outer;
+    return false;
+  }
+
   // The claim word: generation (24 bits) | chunk count (20 bits) | next chunk (20 bits). A
   // worker claims a chunk only of the job whose generation it read, so one that wakes late
   // cannot take a chunk of the next job with the previous job's task.
