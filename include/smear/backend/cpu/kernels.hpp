@@ -92,7 +92,7 @@ namespace detail {
 
 /// Room the GEMMs grow once and reuse: Eigen's packing buffers (which Eigen's own products put
 /// on the heap at every call over 128 KiB) and a transposed B. A chunk of a job uses the room
-/// its caller keeps for that chunk (chunk_scratch), whichever thread runs it, and other work
+/// its caller keeps for that chunk (run_chunks), whichever thread runs it, and other work
 /// that of its thread: the same calls after a warm-up at the same shapes and thread count find
 /// it grown and allocate nothing.
 struct scratch {
@@ -134,15 +134,8 @@ void run_chunks(std::size_t chunks, F& body) {
   while (rooms.size() < chunks) rooms.emplace_back();
   std::deque<scratch>& callers = rooms;  // this thread's: a worker's body must not name its own
   auto task = [&](std::size_t c) {
-    scratch*& room = chunk_room();
-    scratch* const outer = std::exchange(room, &callers[c]);
-    try {
-      body(c);
-    } catch (...) {
-      room = outer;
-      throw;
-    }
-    room = outer;
+    const scoped_set<scratch*> room(chunk_room(), &callers[c]);
+    body(c);
   };
   thread_pool::shared().run(chunks, task);
 }

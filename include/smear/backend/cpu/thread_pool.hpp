@@ -92,6 +92,20 @@ inline std::atomic<bool>& forked() noexcept {
   return flag;
 }
 
+/// Sets `slot` to `value` for its lifetime, then back to what it held (also on a throw).
+template <class T>
+class scoped_set {
+ public:
+  scoped_set(T& slot, T value) noexcept : slot_(slot), outer_(std::exchange(slot, value)) {}
+  scoped_set(const scoped_set&) = delete;
+  scoped_set& operator=(const scoped_set&) = delete;
+  ~scoped_set() { slot_ = outer_; }
+
+ private:
+  T& slot_;
+  T outer_;
+};
+
 /// True on a thread while it runs a chunk of a job: a nested parallel call runs inline.
 inline bool& inside_job() noexcept {
   thread_local bool inside = false;
@@ -164,15 +178,8 @@ class thread_pool {
  private:
   template <class F>
   static bool run_here(std::size_t chunks, F& task) {
-    bool& inside = detail::inside_job();
-    const bool outer = std::exchange(inside, true);
-    try {
-      for (std::size_t c = 0; c < chunks; ++c) task(c);
-    } catch (...) {
-      inside = outer;
-      throw;
-    }
-    inside = outer;
+    const detail::scoped_set<bool> inside(detail::inside_job(), true);
+    for (std::size_t c = 0; c < chunks; ++c) task(c);
     return false;
   }
 
