@@ -5,7 +5,9 @@
 #include <doctest/doctest.h>
 
 #include <cstdio>
+#include <functional>
 #include <map>
+#include <numeric>
 #include <smear/smear.hpp>
 
 #include "support/testing.hpp"
@@ -721,6 +723,28 @@ TEST_CASE("the official preset switches routing, REINFORCE and ST-Gumbel to the 
   CHECK(std::ranges::find(names, "router.bias") == names.end());
   CHECK(std::ranges::find(names, "router.weight_norm.weight") != names.end());
   CHECK(block.router().values()[block.router().weight_norm_offset()] == doctest::Approx(0.01));  // the gain's start
+}
+
+TEST_CASE("every parameter's shape covers exactly its values") {
+  const std::pair<strategy_options, std::size_t> cases[] = {
+      {with(strategy::smear), 0},         {top1(estimator::dselect), 0},
+      {{.strategy = strategy::top_k, .estimator = estimator::reinforce, .baseline = baseline::learned}, 0},
+      {{.strategy = strategy::latent_skills, .tasks = 3}, 0}, {with(strategy::soft_moe), 0},
+      {with(strategy::smear), 2},  // segment routing: the prior
+  };
+  for (const auto& [s, segment] : cases) {
+    layer_options o{.routing = s};
+    o.router.normalize_weights = true;
+    o.router.segment_length = segment;
+    ref_layer<3> block{E{4, 2}, o, 71};
+    for (const auto& p : block.parameters()) {
+      CAPTURE(p.name);
+      REQUIRE_FALSE(p.shape.empty());
+      CHECK(std::accumulate(p.shape.begin(), p.shape.end(), std::size_t{1}, std::multiplies<>{}) == p.value.size());
+    }
+    const auto params = block.parameters();
+    CHECK(params.front().shape == std::vector<std::size_t>{3, block.bank().parameter_count()});
+  }
 }
 
 TEST_CASE("random routing: a uniform expert per example on every forward, gradients through it exact") {

@@ -265,7 +265,7 @@ class layer : public layer_core<Expert, N> {
     this->touch();
     parameter_list<T> out;
     auto v = this->bank_.values(), g = this->bank_.gradients();
-    out.push_back({"experts", {v.data, v.rows * v.cols}, {g.data, g.rows * g.cols}, true});
+    out.push_back({"experts", {v.data, v.rows * v.cols}, {g.data, g.rows * g.cols}, true, false, {N, v.cols}});
     if (this->uses_router()) this->router_.append_parameters(out, "router.");
     this->planner_->append_parameters(out);
     return out;

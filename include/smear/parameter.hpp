@@ -3,6 +3,7 @@
 /// A trainable tensor as optimisers see it: its values, its gradient and whether weight
 /// decay applies to it. Layers hand out lists of these; optimisers step over them.
 
+#include <cstddef>
 #include <span>
 #include <string>
 #include <vector>
@@ -21,6 +22,9 @@ struct parameter {
   bool decay = true;  ///< false for biases and normalisation gains, as usual
   bool on_device = false;  ///< value and grad are in a GPU context's memory (the cuda layer's
                            ///< bank and router): only smear::device optimisers step them
+  /// The tensor's shape, row-major, its product value.size() ("experts": [N, P]; a router's
+  /// weight: [K, d]; a learned baseline's packed parameters: [count]).
+  std::vector<std::size_t> shape{};
 };
 
 namespace detail {

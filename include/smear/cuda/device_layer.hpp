@@ -109,7 +109,7 @@ class device_layer : public layer_core<Expert, N> {
   parameter_list<T> parameters() {
     this->touch();
     parameter_list<T> out;
-    out.push_back({"experts", {bank_values_.data(), N * P()}, {bank_grads_.data(), N * P()}, true, true});
+    out.push_back({"experts", {bank_values_.data(), N * P()}, {bank_grads_.data(), N * P()}, true, true, {N, P()}});
     if (this->uses_router())
       this->router_.append_parameters(out, "router.", device_router_values(), device_router_gradients(), true);
     this->planner_->append_parameters(out);

@@ -41,7 +41,7 @@ class reinforce_baseline {
   void zero_grad() noexcept { std::fill(grads_.begin(), grads_.end(), T(0)); }
 
   void append_parameters(parameter_list<T>& out, const std::string& prefix) {
-    if (kind_ == baseline::learned) out.push_back({prefix + "parameters", values_, grads_, false});
+    if (kind_ == baseline::learned) out.push_back({prefix + "parameters", values_, grads_, false, false, {values_.size()}});
   }
 
   /// The baseline for each example (features [B, d], the router's detached input; only the

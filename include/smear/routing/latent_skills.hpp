@@ -36,7 +36,7 @@ class latent_skills {
   void zero_grad() noexcept { std::fill(grads_.begin(), grads_.end(), T(0)); }
 
   void append_parameters(parameter_list<T>& out, const std::string& prefix) {
-    out.push_back({prefix + "logits", logits_, grads_, false});
+    out.push_back({prefix + "logits", logits_, grads_, false, false, {tasks_, experts_}});
   }
 
   /// Writes task `task`'s allocation s (before normalisation) and weights w = s / Σ s.

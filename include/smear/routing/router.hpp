@@ -131,7 +131,7 @@ class router {
                          std::span<T> grads, bool on_device) const {
     for (const auto& s : layout_)
       out.push_back({prefix + s.name, values.subspan(s.offset, s.size()), grads.subspan(s.offset, s.size()),
-                     s.name == "weight", on_device});
+                     s.name == "weight", on_device, s.shape});
   }
 
   /// What one forward writes and its backward reads: pooled inputs, LayerNorm statistics,

@@ -114,7 +114,7 @@ class soft_moe {
   void append_parameters(parameter_list<T>& out, const std::string& prefix) {
     for (const auto& s : layout_)
       out.push_back({prefix + s.name, std::span<T>(values_).subspan(s.offset, s.size()),
-                     std::span<T>(grads_).subspan(s.offset, s.size()), s.name == "weight"});
+                     std::span<T>(grads_).subspan(s.offset, s.size()), s.name == "weight", false, s.shape});
   }
 
   /// What one forward writes and its backward reads ([BL] = B·L rows, J = N·s slots).
