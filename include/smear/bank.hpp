@@ -69,6 +69,10 @@ class expert_bank {
     const auto& s = find_slot(layout_, name);
     return (*this)[e].subspan(s.offset, s.size());
   }
+  std::span<const value_type> tensor(std::size_t e, std::string_view name) const {
+    const auto& s = find_slot(layout_, name);
+    return (*this)[e].subspan(s.offset, s.size());
+  }
 
   /// Draws every expert's parameters from `gen` following the layout's rules, expert by expert.
   void initialize(rng& gen) {

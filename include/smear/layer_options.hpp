@@ -58,6 +58,15 @@ inline layer_options official_options(layer_options o, official_setup setup = of
   return o;
 }
 
+/// `o` with a router as PyTorch code usually writes one: a linear map of the plain mean over
+/// the `length` positions, without LayerNorm. With smear::plain_adapter_options for the
+/// experts it is the "plain adapter block" preset. Everything else in `o` is kept.
+inline layer_options plain_options(layer_options o = {}) {
+  o.router.layer_norm = false;
+  o.router.pool = pooling::mean;
+  return o;
+}
+
 namespace detail {
 
 /// Throws numeric_error naming `what` and the first index holding NaN or ±Inf.

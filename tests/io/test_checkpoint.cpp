@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../support/testing.hpp"
@@ -176,6 +177,66 @@ TEST_CASE("reduced precision: saved as F16 or BF16, converted on load, stable on
     const std::string s1{std::istreambuf_iterator<char>(f1), {}}, s2{std::istreambuf_iterator<char>(f2), {}};
     CHECK(s1 == s2);
   }
+}
+
+TEST_CASE("a plain adapter block is built from named tensors, set by name for the bank and the router alike") {
+  using E = adapter<double>;
+  const E proto{4, 2, plain_adapter_options};
+  const auto options = plain_options();
+  layer<E, 2> source{proto, options, 3};
+  randomise(source, 4);
+  // the tensors a PyTorch model would hand over, in smear's names (every expert stacked)
+  named_tensors<double> t;
+  for (const auto& slot : source.bank().layout()) {
+    std::vector<double> stacked;
+    for (std::size_t e = 0; e < 2; ++e) {
+      const auto v = std::as_const(source).bank().tensor(e, slot.name);
+      stacked.insert(stacked.end(), v.begin(), v.end());
+    }
+    std::vector<std::size_t> shape{2};
+    shape.insert(shape.end(), slot.shape.begin(), slot.shape.end());
+    t.add("experts." + slot.name, stacked, shape);
+  }
+  std::vector<std::string> router_names;
+  for (const auto& slot : source.router().layout()) {
+    router_names.push_back(slot.name);
+    t.add("router." + slot.name, std::as_const(source).router().tensor(slot.name), slot.shape);
+  }
+  // the plain preset: ReLU, an up-projection bias, a router without LayerNorm over the plain mean
+  CHECK(router_names == std::vector<std::string>{"weight", "bias"});
+  CHECK(source.bank().layout().back().name == "up.bias");
+  CHECK(source.describe().str().find("expert.activation=relu") != std::string::npos);
+  CHECK(source.router().options().pool == pooling::mean);
+
+  layer<E, 2> built{proto, options, 99};
+  load(t, built);
+  CHECK(same_bits(bank_values(built), bank_values(source)));
+  CHECK(same_bits(router_values(built), router_values(source)));
+  const std::vector<double> x{0.5, -1, 2, 0.25, 1, 1, -0.5, 3};
+  std::vector<double> y1(8), y2(8);
+  source.forward(make_tokens(x.data(), 1, 2, 4), y1);
+  built.forward(make_tokens(x.data(), 1, 2, 4), y2);
+  CHECK(same_bits(y1, y2));
+
+  // set by name: one expert's tensor, one router tensor
+  built.bank().tensor(1, "up.bias")[2] = 7.0;
+  built.router().tensor("bias")[0] = -3.0;
+  CHECK(built.bank()[1][proto.layout().back().offset + 2] == 7.0);
+  CHECK(built.router().values()[built.router().layout().back().offset] == -3.0);
+  CHECK_THROWS_WITH_AS(built.router().tensor("layer_norm.weight"),
+                       "no parameter called 'layer_norm.weight'; the layout has: weight, bias", value_error);
+
+  // a missing or misshapen tensor is refused, the layer left as it was
+  named_tensors<double> partial;
+  partial.add("experts.down.weight", std::vector<double>(16), {2, 4, 2});
+  const auto before = bank_values(built);
+  CHECK_THROWS_WITH_AS(load(partial, built), doctest::Contains("has no tensor 'experts.down.bias'"), io_error);
+  named_tensors<double> wrong;
+  wrong.add("experts.down.weight", std::vector<double>(16), {2, 2, 4});
+  CHECK_THROWS_WITH_AS(load(wrong, built), doctest::Contains("has shape [2, 2, 4], the expert bank needs [2, 4, 2]"),
+                       io_error);
+  CHECK(same_bits(bank_values(built), before));
+  CHECK_THROWS_AS(partial.add("experts.down.weight", std::vector<double>(16), {2, 4, 2}), value_error);
 }
 
 TEST_CASE("a name map loads files that follow another naming scheme") {

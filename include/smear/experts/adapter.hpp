@@ -21,6 +21,11 @@ struct adapter_options {
   double init_std = 0.01;             ///< N(0, init_std²) for W_d and W_u; biases start at 0
 };
 
+/// A plain bottleneck adapter as PyTorch code usually writes one: ReLU, and a bias on both
+/// projections. With smear::plain_options() for the layer it is the "plain adapter block"
+/// preset (the defaults above are the official SMEAR code's: SiLU, no up-projection bias).
+inline constexpr adapter_options plain_adapter_options{.act = activation::relu, .up_bias = true};
+
 /// Bottleneck adapter d → m → d. The layer adds the residual (`residual` is true), so a block
 /// computes x + act(x·W_d + b_d)·W_u [+ b_u]; with the small default initialisation a fresh
 /// block is close to the identity.

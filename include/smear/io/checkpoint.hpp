@@ -52,6 +52,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -344,6 +345,45 @@ void load(const safetensors_file& file, layer<Expert, N, Backend>& l, std::strin
   for (const auto& s : staged) detail::commit(s);
   if (steps) l.set_training_steps(*steps);
   l.invalidate_cache();
+}
+
+// ---- from tensors held in memory ----
+
+/// Tensors by name, built in memory, for making a layer (or bank, or router) from values that
+/// come from elsewhere (another framework's arrays, a conversion script): load() reads them
+/// under the checkpoint names above, with the same checks (every tensor present, of exactly
+/// its shape) and the same all-or-nothing commit, so no value drawn by the constructor is
+/// left behind unnoticed. Values are copied; add() throws value_error as
+/// safetensors_writer::add does (a duplicate name, a shape that does not match the values).
+///
+/// Example (a layer of 8 adapter<float>{768, 64} experts under the default router):
+/// ```
+/// smear::named_tensors<float> t;
+/// t.add("experts.down.weight", down, {8, 768, 64}).add("experts.down.bias", down_b, {8, 64})
+///  .add("experts.up.weight", up, {8, 64, 768})
+///  .add("router.layer_norm.weight", g, {768}).add("router.layer_norm.bias", b, {768})
+///  .add("router.weight", w, {8, 768}).add("router.bias", w_b, {8});
+/// smear::load(t, block);
+/// ```
+template <class T>
+  requires std::is_floating_point_v<T>
+class named_tensors {
+ public:
+  named_tensors& add(std::string name, std::span<const T> values, std::vector<std::size_t> shape) {
+    writer_.add(std::move(name), values, std::move(shape));
+    return *this;
+  }
+  /// Them as a safetensors file held in memory (what load() reads).
+  safetensors_file file() const { return safetensors_file::parse(writer_.serialize(), "<named tensors>"); }
+
+ private:
+  safetensors_writer writer_;
+};
+
+/// Loads the layer, bank or router from named tensors (see named_tensors); all or nothing.
+template <class T, class Object, class... Rest>
+void load(const named_tensors<T>& tensors, Object& object, std::string_view prefix = "", const Rest&... rest) {
+  load(tensors.file(), object, prefix, rest...);
 }
 
 // ---- one object per file ----

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <limits>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include "smear/backend/kernels.hpp"
@@ -118,6 +119,17 @@ class router {
   std::span<T> gradients() noexcept { return grads_; }
   std::span<const T> gradients() const noexcept { return grads_; }
   void zero_grad() noexcept { std::fill(grads_.begin(), grads_.end(), T(0)); }
+
+  /// One named tensor (e.g. "weight" [N, d], "layer_norm.weight"), as the bank's tensor(e, name);
+  /// value_error listing the layout's names for another name.
+  std::span<T> tensor(std::string_view name) {
+    const auto& s = find_slot(layout_, name);
+    return std::span<T>(values_).subspan(s.offset, s.size());
+  }
+  std::span<const T> tensor(std::string_view name) const {
+    const auto& s = find_slot(layout_, name);
+    return std::span<const T>(values_).subspan(s.offset, s.size());
+  }
 
   /// Draws the parameters from `gen` following the layout.
   void initialize(rng& gen) { smear::initialize(layout_, std::span<T>(values_), gen); }
