@@ -22,7 +22,7 @@ import torch
 from . import _smear
 from ._smear import IoError, InvalidValueError, NumericError, ShapeError, StateError, compiled_counts
 
-__all__ = ["Block", "ShapeError", "InvalidValueError", "NumericError", "StateError", "IoError", "compiled_counts"]
+__all__ = ["Block", "AdamW", "ShapeError", "InvalidValueError", "NumericError", "StateError", "IoError", "compiled_counts"]
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 
@@ -116,6 +116,7 @@ class Block(torch.nn.Module):
             self._values.append(param.data)  # the tensors that view the C++ storage
             self._grads.append(torch.from_numpy(grad))
         self._layout = {name: (offset, tuple(shape)) for name, offset, shape in self._core.expert_layout()}
+        self._versions = None  # the parameters' versions the C++ layer last saw (_load)
         self._calls = 0       # forwards run
         self._pending = None  # the call the C++ layer can go back through now
         self._losses = None
@@ -134,14 +135,18 @@ class Block(torch.nn.Module):
     # -- what the autograd function uses ------------------------------------------------------
     def _load(self, params):
         """Makes the C++ layer compute with `params`: a parameter that no longer views its storage
-        (replaced by load_state_dict(assign=True), .data = ..., a clone) is copied into it."""
+        (replaced by load_state_dict(assign=True), .data = ..., a clone) is copied into it. Merged
+        experts cached for inference end when a parameter was written (its version moved)."""
         for p, home in zip(params, self._values):
             if p.data_ptr() != home.data_ptr():
                 if p.shape != home.shape or p.dtype != home.dtype:
                     raise ShapeError(f"smear.Block: a parameter is {list(p.shape)} {p.dtype}, the block's is "
                                      f"{list(home.shape)} {home.dtype}")
                 home.copy_(p.detach())
-        self._core.invalidate_cache()  # values may have changed in place (optimiser steps)
+        versions = [p._version for p in params] + [home._version for home in self._values]
+        if versions != self._versions:
+            self._core.invalidate_cache()
+            self._versions = versions
 
     def _run_forward(self, x, lengths, tags, seed):
         self._core.reseed(seed)
@@ -171,9 +176,60 @@ class Block(torch.nn.Module):
                                     f"(convert x, or build the block with dtype={x.dtype})")
         if x.dim() != 3:
             raise ShapeError(f"smear.Block: x is {list(x.shape)}, expected [B, L, d]")
-        self._core.train(self.training)
+        if self._core.training != self.training:
+            self._core.train(self.training)
         x = x.contiguous()
         return _Apply.apply(self, x, _ints(lengths, "lengths"), _ints(tags, "tags"), *self._params)
+
+    def invalidate_cache(self):
+        """Ends merged experts cached for inference: needed only after writing parameters in a way
+        their versions do not see (through .data, or numpy views)."""
+        self._core.invalidate_cache()
+
+    # -- PEFT LoRA adapters (smear/io/peft.hpp) --------------------------------------------------
+    @classmethod
+    def from_peft(cls, dirs, module, base=None, *, strategy="smear", dtype=torch.float32, **options):
+        """A block of len(dirs) lora experts, expert e being `module`'s LoRA in the PEFT adapter
+        directory dirs[e] (adapter_config.json, adapter_model.safetensors), over the base map
+        `module`.weight / .bias read from the base model's safetensors file `base`. Rank and scale come from the first adapter's config; every adapter must
+        match them (smear.IoError naming the file otherwise)."""
+        dirs = [str(d) for d in dirs]
+        if not dirs:
+            raise InvalidValueError("smear.Block.from_peft: no adapter directories")
+        if base is None:
+            raise InvalidValueError("smear.Block.from_peft: needs base, the base model's safetensors file "
+                                    "(the LoRA's input and output sizes come from its module)")
+        config = _smear.peft_config(dirs[0], module)
+        w, base_bias = _smear.peft_base(str(base), module, config["fan_in_fan_out"])
+        base_weight = torch.from_numpy(w).t()  # smear's [in, out] -> torch.nn.Linear's [out, in]
+        block = cls("lora", d=base_weight.shape[1], out=base_weight.shape[0], rank=config["rank"],
+                    experts=len(dirs), strategy=strategy, dtype=dtype, base_weight=base_weight,
+                    base_bias=base_bias, alpha=config["scaling"] * config["rank"], **options)
+        block.load_peft(dirs, module)
+        return block
+
+    def load_peft(self, dirs, module):
+        """Loads `module`'s LoRA of the PEFT adapter directory dirs[e] into expert e (lora
+        experts only); all or nothing: smear.IoError for a rank, shape, scale or target module
+        other than the block's, naming the file."""
+        self._load(self._params)
+        self._core.load_peft([str(d) for d in dirs], module)
+        self._changed_in_cpp()
+
+    def save_peft(self, dirs, module, base_model=""):
+        """Writes expert e as `module`'s LoRA in the PEFT adapter directory dirs[e], which PEFT's
+        PeftModel.from_pretrained(base, dirs[e]) loads (lora experts only)."""
+        self._load(self._params)
+        self._core.save_peft([str(d) for d in dirs], module, base_model)
+
+    def _changed_in_cpp(self):
+        """The C++ layer wrote its parameters: make every Parameter view them again."""
+        with torch.no_grad():
+            for p, home in zip(self._params, self._values):
+                if p.data_ptr() != home.data_ptr():
+                    p.data = home
+        self._core.invalidate_cache()
+        self._versions = None
 
     def set_example_losses(self, losses):
         """Each example's loss [B] for the next backward (REINFORCE's score-function term)."""
@@ -213,6 +269,11 @@ class Block(torch.nn.Module):
         return self._core.describe()
 
     @property
+    def cache_builds(self):
+        """How many times merged experts were cached for inference (latent skills, AdaMix, task routing)."""
+        return self._core.cache_builds
+
+    @property
     def auxiliary_loss(self):
         """The regularisers backward() differentiates with the caller's loss (DSelect-k, REINFORCE)."""
         return self._core.auxiliary_loss
@@ -230,3 +291,38 @@ def _ints(v, what):
     if t.dtype.is_floating_point or t.dtype.is_complex:
         raise InvalidValueError(f"smear.Block: {what} must hold integers, got {t.dtype}")
     return t.detach().to(torch.int32).contiguous().numpy()
+
+
+class AdamW:
+    """smear's own AdamW (smear::adamw: the C++ update, run in place on the block's storage) over
+    a Block's parameters, for checking against torch.optim.AdamW or training without an autograd
+    optimiser. The update is torch.optim.AdamW's; weight decay applies to the tensors smear
+    decays (the experts, router.weight; param_groups() gives PyTorch the same split). step()
+    reads each parameter's .grad (a parameter without one steps with a zero gradient, where
+    torch.optim skips it)."""
+
+    def __init__(self, block, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        self._block = block
+        self._core = block._core.adamw(lr, betas[0], betas[1], eps, weight_decay)
+
+    @property
+    def steps(self):
+        return self._core.steps
+
+    def zero_grad(self, set_to_none=True):
+        for p in self._block._params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def step(self):
+        b = self._block
+        b._load(b._params)
+        for p, g in zip(b._params, b._grads):
+            if p.grad is None:
+                g.zero_()
+            else:
+                g.copy_(p.grad)
+        self._core.step()
+        b._changed_in_cpp()

@@ -12,7 +12,9 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
+#include <smear/io/peft.hpp>
 #include <smear/smear.hpp>
 
 namespace smear::python {
@@ -37,6 +39,14 @@ struct block_spec {
   py::object frozen_weight = py::none();  ///< lora: W₀ [in, out] as a C-contiguous array, or None
   py::object frozen_bias = py::none();    ///< lora: b₀ [out], or None
   std::uint64_t seed = 0;
+};
+
+/// smear's AdamW (smear::adamw) over a block's parameters and their C++ gradient buffers.
+class optimizer {
+ public:
+  virtual ~optimizer() = default;
+  virtual void step() = 0;
+  virtual std::size_t steps() const = 0;
 };
 
 /// A routing block as Python sees it. Arrays are numpy arrays of the block's dtype, C-contiguous
@@ -64,6 +74,8 @@ class block {
   virtual bool training() const = 0;
   virtual void reseed(std::uint64_t seed) = 0;
   virtual void invalidate_cache() = 0;
+  /// How many times the inference cache was (re)built (smear::layer::cache_builds()).
+  virtual std::size_t cache_builds() const = 0;
   virtual void zero_grad() = 0;
   virtual double auxiliary_loss() const = 0;
   /// Whether backward() needs each example's loss (REINFORCE in training).
@@ -73,6 +85,13 @@ class block {
   virtual std::size_t experts() const = 0;
   virtual std::string dtype() const = 0;
   virtual std::uint64_t training_steps() const = 0;
+
+  /// smear::adamw over parameters() (it reads their gradient buffers); the block must outlive it.
+  virtual std::unique_ptr<optimizer> adamw(const adamw_options& options) = 0;
+  /// smear::load_peft / save_peft of the experts (value_error unless they are LoRA experts).
+  virtual void load_peft(const std::vector<std::string>& dirs, const std::string& module) = 0;
+  virtual void save_peft(const std::vector<std::string>& dirs, const std::string& module,
+                         const std::string& base_model) const = 0;
 };
 
 std::unique_ptr<block> make_adapter_block(const block_spec& spec);

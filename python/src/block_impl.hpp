@@ -4,7 +4,10 @@
 /// the blocks_<expert>.cpp files only.
 
 #include <array>
+#include <filesystem>
+#include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -111,6 +114,7 @@ class block_of final : public block {
   bool training() const override { return layer_.training(); }
   void reseed(std::uint64_t seed) override { layer_.reseed(seed); }
   void invalidate_cache() override { layer_.invalidate_cache(); }
+  std::size_t cache_builds() const override { return layer_.cache_builds(); }
   void zero_grad() override { layer_.zero_grad(); }
   double auxiliary_loss() const override { return static_cast<double>(layer_.auxiliary_loss()); }
   bool needs_losses() const override {
@@ -122,6 +126,34 @@ class block_of final : public block {
   std::size_t experts() const override { return N; }
   std::string dtype() const override { return sizeof(T) == 4 ? "float32" : "float64"; }
   std::uint64_t training_steps() const override { return layer_.training_steps(); }
+
+  std::unique_ptr<optimizer> adamw(const adamw_options& options) override {
+    struct adamw_of final : optimizer {
+      explicit adamw_of(smear::adamw<T> o) : opt(std::move(o)) {}
+      void step() override { opt.step(); }
+      std::size_t steps() const override { return opt.steps(); }
+      smear::adamw<T> opt;
+    };
+    return std::make_unique<adamw_of>(smear::adamw<T>{layer_.parameters(), options});
+  }
+
+  void load_peft(const std::vector<std::string>& dirs, const std::string& module) override {
+    if constexpr (std::is_same_v<Expert, lora<T>>) {
+      const std::vector<std::filesystem::path> paths(dirs.begin(), dirs.end());
+      smear::load_peft(layer_, paths, module);
+    } else {
+      throw value_error("load_peft: PEFT LoRA adapters load into a block of lora experts");
+    }
+  }
+  void save_peft(const std::vector<std::string>& dirs, const std::string& module,
+                 const std::string& base_model) const override {
+    if constexpr (std::is_same_v<Expert, lora<T>>) {
+      const std::vector<std::filesystem::path> paths(dirs.begin(), dirs.end());
+      smear::save_peft(layer_, paths, module, {.base_model = base_model});
+    } else {
+      throw value_error("save_peft: only a block of lora experts saves PEFT LoRA adapters");
+    }
+  }
 
  private:
   template <class V>

@@ -2,103 +2,108 @@
 /// smear._smear: the routing block for Python (python/smear/__init__.py wraps it in a
 /// torch.nn.Module). Options arrive by name; smear's exceptions become Python exceptions.
 
+#include <algorithm>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "block.hpp"
 
 namespace smear::python {
 namespace {
 
-template <class Enum, std::size_t K>
-Enum named(const py::handle& v, const char* key, const std::pair<const char*, Enum> (&names)[K]) {
-  const auto s = py::cast<std::string>(v);
-  std::string known;
-  for (const auto& [name, e] : names) {
-    if (s == name) return e;
-    known += (known.empty() ? "" : ", ") + std::string(name);
-  }
-  throw value_error(detail::message("option ", key, " = '", s, "'; known: ", known));
-}
-
 using setter = std::function<void(block_spec&, const py::handle&)>;
+
+/// A setter of `member` of the options struct `part(spec)` returns, the value cast to its type.
+template <class Part, class Struct, class V>
+setter field(Part part, V Struct::*member) {
+  return [=](block_spec& s, const py::handle& v) { part(s).*member = py::cast<V>(v); };
+}
+/// The same for an enum member, the value one of `names` (value_error listing them otherwise).
+template <class Part, class Struct, class Enum>
+setter field(Part part, Enum Struct::*member, std::vector<std::pair<std::string, Enum>> names) {
+  return [=](block_spec& s, const py::handle& v) {
+    const auto name = py::cast<std::string>(v);
+    std::string known;
+    for (const auto& [n, e] : names) {
+      if (n == name) {
+        part(s).*member = e;
+        return;
+      }
+      known += (known.empty() ? "" : ", ") + n;
+    }
+    throw value_error(detail::message("known: ", known));
+  };
+}
 
 /// Every option the module takes by name, and where it goes.
 const std::map<std::string, setter>& option_table() {
   static const std::map<std::string, setter> table = [] {
-    std::map<std::string, setter> t;
-    auto num = [](const py::handle& v) { return py::cast<double>(v); };
-    auto count = [](const py::handle& v) { return py::cast<std::size_t>(v); };
-    auto flag = [](const py::handle& v) { return py::cast<bool>(v); };
-    // the strategy and its options (smear/routing/strategy.hpp)
-    t["k"] = [=](block_spec& s, const py::handle& v) { s.layer.routing.k = count(v); };
-    t["tasks"] = [=](block_spec& s, const py::handle& v) { s.layer.routing.tasks = count(v); };
-    t["hash_seed"] = [](block_spec& s, const py::handle& v) { s.layer.routing.hash_seed = py::cast<std::uint64_t>(v); };
-    t["soft_slots"] = [=](block_spec& s, const py::handle& v) { s.layer.routing.soft_slots = count(v); };
-    t["switch_renormalize"] = [=](block_spec& s, const py::handle& v) { s.layer.routing.switch_renormalize = flag(v); };
-    t["dselect_gamma"] = [=](block_spec& s, const py::handle& v) { s.layer.routing.dselect_gamma = num(v); };
-    t["dselect_entropy"] = [=](block_spec& s, const py::handle& v) { s.layer.routing.dselect_entropy = num(v); };
-    t["dselect_unused_penalty"] = [=](block_spec& s, const py::handle& v) {
-      s.layer.routing.dselect_unused_penalty = num(v);
+    auto routing = [](block_spec& s) -> strategy_options& { return s.layer.routing; };  // smear/routing/strategy.hpp
+    auto router = [](block_spec& s) -> router_options& { return s.layer.router; };       // smear/routing/router.hpp
+    auto layer = [](block_spec& s) -> layer_options& { return s.layer; };                // smear/layer_options.hpp
+    auto adapter = [](block_spec& s) -> adapter_options& { return s.adapter; };          // smear/experts/
+    auto lora = [](block_spec& s) -> lora_options& { return s.lora; };
+    auto linear = [](block_spec& s) -> linear_options& { return s.linear; };
+    using so = strategy_options;
+    using ro = router_options;
+    std::map<std::string, setter> t{
+        {"k", field(routing, &so::k)},
+        {"tasks", field(routing, &so::tasks)},
+        {"hash_seed", field(routing, &so::hash_seed)},
+        {"soft_slots", field(routing, &so::soft_slots)},
+        {"switch_renormalize", field(routing, &so::switch_renormalize)},
+        {"dselect_gamma", field(routing, &so::dselect_gamma)},
+        {"dselect_entropy", field(routing, &so::dselect_entropy)},
+        {"dselect_unused_penalty", field(routing, &so::dselect_unused_penalty)},
+        {"baseline", field(routing, &so::baseline,
+                           {{"moving_average", baseline::moving_average}, {"learned", baseline::learned}})},
+        {"baseline_momentum", field(routing, &so::baseline_momentum)},
+        {"baseline_hidden", field(routing, &so::baseline_hidden)},
+        {"value_loss", field(routing, &so::value_loss, {{"squared", value_loss::squared}, {"huber", value_loss::huber}})},
+        {"huber_delta", field(routing, &so::huber_delta)},
+        {"entropy_bonus", field(routing, &so::entropy_bonus)},
+        {"policy_weight", field(routing, &so::policy_weight)},
+        {"skills_temperature", field(routing, &so::skills_temperature)},
+        {"cluster_momentum", field(routing, &so::cluster_momentum)},
+        {"pool", field(router, &ro::pool, {{"masked_mean", pooling::masked_mean}, {"mean", pooling::mean}})},
+        {"layer_norm", field(router, &ro::layer_norm)},
+        {"temperature", field(router, &ro::temperature)},
+        {"detach_input", field(router, &ro::detach_input)},
+        {"expert_dropout", field(router, &ro::expert_dropout)},
+        {"router_init_std", field(router, &ro::init_std)},
+        {"layer_norm_eps", field(router, &ro::layer_norm_eps)},
+        {"normalize_weights", field(router, &ro::normalize_weights)},
+        {"router_bias", field(router, &ro::bias)},
+        {"segment_length", field(router, &ro::segment_length)},
+        {"residual", field(layer, &layer_options::residual)},
+        {"check_finite", field(layer, &layer_options::check_finite)},
+        {"threads", field(layer, &layer_options::threads)},
+        {"activation", field(adapter, &adapter_options::act,
+                             {{"silu", activation::silu}, {"relu", activation::relu}, {"gelu", activation::gelu},
+                              {"identity", activation::identity}})},
+        {"up_bias", field(adapter, &adapter_options::up_bias)},
+        {"alpha", field(lora, &lora_options::alpha)},
+        {"bias", field(linear, &linear_options::bias)},
     };
-    t["baseline"] = [](block_spec& s, const py::handle& v) {
-      s.layer.routing.baseline = named(v, "baseline", {std::pair{"moving_average", baseline::moving_average},
-                                                       std::pair{"learned", baseline::learned}});
-    };
-    t["baseline_momentum"] = [=](block_spec& s, const py::handle& v) { s.layer.routing.baseline_momentum = num(v); };
-    t["baseline_hidden"] = [=](block_spec& s, const py::handle& v) { s.layer.routing.baseline_hidden = count(v); };
-    t["value_loss"] = [](block_spec& s, const py::handle& v) {
-      s.layer.routing.value_loss =
-          named(v, "value_loss", {std::pair{"squared", value_loss::squared}, std::pair{"huber", value_loss::huber}});
-    };
-    t["huber_delta"] = [=](block_spec& s, const py::handle& v) { s.layer.routing.huber_delta = num(v); };
-    t["entropy_bonus"] = [=](block_spec& s, const py::handle& v) { s.layer.routing.entropy_bonus = num(v); };
-    t["policy_weight"] = [=](block_spec& s, const py::handle& v) { s.layer.routing.policy_weight = num(v); };
-    t["skills_temperature"] = [=](block_spec& s, const py::handle& v) { s.layer.routing.skills_temperature = num(v); };
-    t["cluster_momentum"] = [=](block_spec& s, const py::handle& v) { s.layer.routing.cluster_momentum = num(v); };
-    t["gumbel_temperature"] = [](block_spec& s, const py::handle& v) {
-      // (initial, minimum, rate, every)
+    t["gumbel_temperature"] = [](block_spec& s, const py::handle& v) {  // (initial, minimum, rate, every)
       const auto g = py::cast<std::tuple<double, double, double, std::uint64_t>>(v);
       s.layer.routing.gumbel_temperature = {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g)};
     };
-    // the router (smear/routing/router.hpp)
-    t["pool"] = [](block_spec& s, const py::handle& v) {
-      s.layer.router.pool =
-          named(v, "pool", {std::pair{"masked_mean", pooling::masked_mean}, std::pair{"mean", pooling::mean}});
+    t["init_std"] = [](block_spec& s, const py::handle& v) {  // whichever expert the block has
+      s.adapter.init_std = s.lora.init_std = s.linear.init_std = py::cast<double>(v);
     };
-    t["layer_norm"] = [=](block_spec& s, const py::handle& v) { s.layer.router.layer_norm = flag(v); };
-    t["temperature"] = [=](block_spec& s, const py::handle& v) { s.layer.router.temperature = num(v); };
-    t["detach_input"] = [=](block_spec& s, const py::handle& v) { s.layer.router.detach_input = flag(v); };
-    t["expert_dropout"] = [=](block_spec& s, const py::handle& v) { s.layer.router.expert_dropout = num(v); };
-    t["router_init_std"] = [=](block_spec& s, const py::handle& v) { s.layer.router.init_std = num(v); };
-    t["layer_norm_eps"] = [=](block_spec& s, const py::handle& v) { s.layer.router.layer_norm_eps = num(v); };
-    t["normalize_weights"] = [=](block_spec& s, const py::handle& v) { s.layer.router.normalize_weights = flag(v); };
-    t["router_bias"] = [=](block_spec& s, const py::handle& v) { s.layer.router.bias = flag(v); };
-    t["segment_length"] = [=](block_spec& s, const py::handle& v) { s.layer.router.segment_length = count(v); };
-    // the layer (smear/layer_options.hpp)
-    t["residual"] = [=](block_spec& s, const py::handle& v) { s.layer.residual = flag(v); };
-    t["check_finite"] = [=](block_spec& s, const py::handle& v) { s.layer.check_finite = flag(v); };
-    t["threads"] = [=](block_spec& s, const py::handle& v) { s.layer.threads = count(v); };
-    // the experts (smear/experts/)
-    t["activation"] = [](block_spec& s, const py::handle& v) {
-      s.adapter.act = named(v, "activation", {std::pair{"silu", activation::silu}, std::pair{"relu", activation::relu},
-                                              std::pair{"gelu", activation::gelu},
-                                              std::pair{"identity", activation::identity}});
-    };
-    t["up_bias"] = [=](block_spec& s, const py::handle& v) { s.adapter.up_bias = flag(v); };
-    t["init_std"] = [=](block_spec& s, const py::handle& v) {
-      s.adapter.init_std = s.lora.init_std = s.linear.init_std = num(v);
-    };
-    t["alpha"] = [=](block_spec& s, const py::handle& v) { s.lora.alpha = num(v); };
-    t["bias"] = [=](block_spec& s, const py::handle& v) { s.linear.bias = flag(v); };
     return t;
   }();
   return table;
 }
 
 /// The block that `expert`, the sizes and the named options describe. `preset` ("" or
-/// "official" / "official_resnet": smear::official_options) is applied before the options.
+/// "official" / "official_resnet": smear::official_options; "plain": smear::plain_options and
+/// plain_adapter_options) is applied before the options.
 std::unique_ptr<block> make(const std::string& expert, const std::string& dtype, std::size_t experts, std::size_t in,
                             std::size_t out, std::size_t width, const std::string& strategy, const std::string& preset,
                             std::uint64_t seed, py::object frozen_weight, py::object frozen_bias,
@@ -114,10 +119,16 @@ std::unique_ptr<block> make(const std::string& expert, const std::string& dtype,
   s.frozen_weight = std::move(frozen_weight);
   s.frozen_bias = std::move(frozen_bias);
   s.layer.routing = parse_strategy(strategy);
-  if (preset == "official") s.layer = official_options(s.layer, official_setup::t5);
-  else if (preset == "official_resnet") s.layer = official_options(s.layer, official_setup::resnet);
-  else if (!preset.empty())
-    throw value_error(detail::message("preset '", preset, "'; known: official, official_resnet"));
+  if (preset == "official") {
+    s.layer = official_options(s.layer, official_setup::t5);
+  } else if (preset == "official_resnet") {
+    s.layer = official_options(s.layer, official_setup::resnet);
+  } else if (preset == "plain") {
+    s.layer = plain_options(s.layer);
+    s.adapter = plain_adapter_options;
+  } else if (!preset.empty()) {
+    throw value_error(detail::message("preset '", preset, "'; known: official, official_resnet, plain"));
+  }
   const auto& table = option_table();
   for (const auto& [key, value] : options) {
     const auto name = py::cast<std::string>(key);
@@ -131,6 +142,8 @@ std::unique_ptr<block> make(const std::string& expert, const std::string& dtype,
       it->second(s, value);
     } catch (const py::cast_error&) {
       throw value_error(detail::message("option ", name, " = ", std::string(py::repr(value)), " has the wrong type"));
+    } catch (const value_error& e) {
+      throw value_error(detail::message("option ", name, " = ", std::string(py::repr(value)), "; ", e.what()));
     }
   }
   if (expert == "adapter") return make_adapter_block(s);
@@ -173,6 +186,7 @@ PYBIND11_MODULE(_smear, m) {
       .def_property_readonly("training", &block::training)
       .def("reseed", &block::reseed, py::arg("seed"))
       .def("invalidate_cache", &block::invalidate_cache)
+      .def_property_readonly("cache_builds", &block::cache_builds)
       .def("zero_grad", &block::zero_grad)
       .def_property_readonly("auxiliary_loss", &block::auxiliary_loss)
       .def_property_readonly("needs_losses", &block::needs_losses)
@@ -180,5 +194,49 @@ PYBIND11_MODULE(_smear, m) {
       .def_property_readonly("output_dim", &block::output_dim)
       .def_property_readonly("experts", &block::experts)
       .def_property_readonly("dtype", &block::dtype)
-      .def_property_readonly("training_steps", &block::training_steps);
+      .def_property_readonly("training_steps", &block::training_steps)
+      .def(
+          "adamw",
+          [](block& b, double lr, double beta1, double beta2, double eps, double weight_decay) {
+            return b.adamw({.lr = lr, .beta1 = beta1, .beta2 = beta2, .eps = eps, .weight_decay = weight_decay});
+          },
+          py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+          py::keep_alive<0, 1>())
+      .def("load_peft", &block::load_peft, py::arg("dirs"), py::arg("module"))
+      .def("save_peft", &block::save_peft, py::arg("dirs"), py::arg("module"), py::arg("base_model"));
+
+  py::class_<smear::python::optimizer>(m, "AdamW")
+      .def("step", &smear::python::optimizer::step, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("steps", &smear::python::optimizer::steps);
+
+  // PEFT adapter files (smear/io/peft.hpp)
+  m.def(
+      "peft_config",
+      [](const std::string& dir, const std::string& module) {
+        const auto c = smear::read_peft_config(dir, module);
+        py::dict out;
+        out["rank"] = c.rank;
+        out["lora_alpha"] = c.alpha;
+        out["use_rslora"] = c.rslora;
+        out["fan_in_fan_out"] = c.fan_in_fan_out;
+        out["base_model"] = c.base_model;
+        out["scaling"] = c.scaling();
+        return out;
+      },
+      py::arg("dir"), py::arg("module"));
+  m.def(
+      "peft_base",
+      [](const std::string& path, const std::string& module, bool fan_in_fan_out) {
+        auto b = smear::read_peft_base<double>(std::filesystem::path(path), module, fan_in_fan_out);
+        py::array_t<double> weight({b.in, b.out});  // smear's [in, out]
+        std::copy(b.weight.begin(), b.weight.end(), weight.mutable_data());
+        py::object bias = py::none();
+        if (!b.bias.empty()) {
+          py::array_t<double> v(b.out);
+          std::copy(b.bias.begin(), b.bias.end(), v.mutable_data());
+          bias = v;
+        }
+        return py::make_tuple(weight, bias);
+      },
+      py::arg("path"), py::arg("module"), py::arg("fan_in_fan_out"));
 }

@@ -100,6 +100,20 @@ class BlockTest(unittest.TestCase):
                     self.assertTrue(torch.autograd.gradcheck(lambda x, *ps: block(x, lengths, tags),
                                                              (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5))
 
+    def test_inference_cache_is_kept_until_a_parameter_is_written(self):
+        block = randomised(smear.Block("adapter", d=D, m=M, experts=N, strategy="latent_skills", tasks=3))
+        block.eval()
+        x, tags = torch.randn(2, 3, D), [0, 2]
+        y0 = block(x, tags=tags)
+        torch.testing.assert_close(block(x, tags=tags), y0, rtol=0, atol=0)
+        self.assertEqual(block.cache_builds, 1)  # merged once, reused
+        opt = torch.optim.SGD(block.parameters(), lr=0.5)
+        block.experts.grad = torch.ones_like(block.experts)
+        opt.step()  # an in-place write: the next forward merges again
+        y1 = block(x, tags=tags)
+        self.assertEqual(block.cache_builds, 2)
+        self.assertFalse(torch.allclose(y0, y1))
+
     def test_float32_matches_float64(self):
         b64 = randomised(smear.Block("adapter", d=D, m=M, experts=N, dtype=torch.float64))
         b32 = smear.Block("adapter", d=D, m=M, experts=N, dtype=torch.float32)
@@ -149,6 +163,10 @@ class BlockTest(unittest.TestCase):
             smear.Block("adapter", d=D, m=M, experts=3)
         with self.assertRaisesRegex(smear.InvalidValueError, "unknown option 'tempreature'"):
             smear.Block("adapter", d=D, m=M, experts=N, tempreature=2.0)
+        with self.assertRaisesRegex(smear.InvalidValueError, "option pool = 'max'; known: masked_mean, mean"):
+            smear.Block("adapter", d=D, m=M, experts=N, pool="max")
+        with self.assertRaisesRegex(smear.InvalidValueError, "option k = 'two' has the wrong type"):
+            smear.Block("adapter", d=D, m=M, experts=N, k="two")
         with self.assertRaisesRegex(smear.InvalidValueError, "unknown strategy"):
             smear.Block("adapter", d=D, m=M, experts=N, strategy="gumbel")
         with self.assertRaisesRegex(smear.InvalidValueError, "temperature must be positive"):
