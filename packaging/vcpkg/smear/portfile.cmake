@@ -1,5 +1,5 @@
 # Overlay port building the smear tree this port sits in (packaging/vcpkg/smear):
-#   vcpkg install smear --overlay-ports=<smear>/packaging/vcpkg
+#   vcpkg install smear --overlay-ports=<smear>/packaging/vcpkg/smear
 # A port for a registry would take the sources from a release instead, e.g.
 #   vcpkg_from_github(OUT_SOURCE_PATH SOURCE_PATH REPO <owner>/smear REF "v${VERSION}" SHA512 <...>)
 set(VCPKG_BUILD_TYPE release)  # header-only
@@ -19,6 +19,7 @@ vcpkg_cmake_configure(
     -DSMEAR_BUILD_TESTS=OFF
     -DSMEAR_BUILD_EXAMPLES=OFF
     -DSMEAR_BUILD_BENCHMARKS=OFF
+    -DSMEAR_BUILD_PYTHON=OFF  # on by default for a top-level build: would compile the pybind11 module
     -DSMEAR_INSTALL=ON
     -DSMEAR_INSTALL_CMAKEDIR=share/smear
 )
