@@ -188,17 +188,15 @@ class Block(torch.nn.Module):
 
     # -- PEFT LoRA adapters (smear/io/peft.hpp) --------------------------------------------------
     @classmethod
-    def from_peft(cls, dirs, module, base=None, *, strategy="smear", dtype=torch.float32, **options):
+    def from_peft(cls, dirs, module, base, *, strategy="smear", dtype=torch.float32, **options):
         """A block of len(dirs) lora experts, expert e being `module`'s LoRA in the PEFT adapter
-        directory dirs[e] (adapter_config.json, adapter_model.safetensors), over the base map
-        `module`.weight / .bias read from the base model's safetensors file `base`. Rank and scale come from the first adapter's config; every adapter must
-        match them (smear.IoError naming the file otherwise)."""
+        directory dirs[e] (adapter_config.json, adapter_model.safetensors), over the frozen map
+        `module`.weight / .bias read from the base model's safetensors file `base`. Rank and
+        scale come from the first adapter's config; every adapter must match them (smear.IoError
+        naming the directory otherwise)."""
         dirs = [str(d) for d in dirs]
         if not dirs:
             raise InvalidValueError("smear.Block.from_peft: no adapter directories")
-        if base is None:
-            raise InvalidValueError("smear.Block.from_peft: needs base, the base model's safetensors file "
-                                    "(the LoRA's input and output sizes come from its module)")
         config = _smear.peft_config(dirs[0], module)
         w, base_bias = _smear.peft_base(str(base), module, config["fan_in_fan_out"])
         base_weight = torch.from_numpy(w).t()  # smear's [in, out] -> torch.nn.Linear's [out, in]
