@@ -29,5 +29,6 @@ write_basic_package_version_file("${PROJECT_BINARY_DIR}/smearConfigVersion.cmake
   VERSION "${PROJECT_VERSION}" COMPATIBILITY SameMajorVersion ARCH_INDEPENDENT)
 install(FILES "${PROJECT_BINARY_DIR}/smearConfig.cmake" "${PROJECT_BINARY_DIR}/smearConfigVersion.cmake"
               "${PROJECT_SOURCE_DIR}/cmake/SmearDependencies.cmake"
+              "${PROJECT_SOURCE_DIR}/cmake/SmearCccl.cmake"
         DESTINATION "${SMEAR_INSTALL_CMAKEDIR}")
 install(FILES "${PROJECT_SOURCE_DIR}/LICENSE" DESTINATION "${CMAKE_INSTALL_DATADIR}/doc/smear")
