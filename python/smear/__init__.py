@@ -221,12 +221,12 @@ class Block(torch.nn.Module):
         self._core.save_peft([str(d) for d in dirs], module, base_model)
 
     def _changed_in_cpp(self):
-        """The C++ layer wrote its parameters: make every Parameter view them again."""
+        """The C++ layer wrote its parameters: make every Parameter view them again, and the next
+        forward end the inference cache (_load)."""
         with torch.no_grad():
             for p, home in zip(self._params, self._values):
                 if p.data_ptr() != home.data_ptr():
                     p.data = home
-        self._core.invalidate_cache()
         self._versions = None
 
     def set_example_losses(self, losses):

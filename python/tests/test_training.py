@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import smear
+from test_block import randomised
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -22,14 +23,6 @@ def peft_files():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def randomised(block, seed=5, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-    return block
 
 
 class TrainingTest(unittest.TestCase):

@@ -9,7 +9,8 @@ with use_rslora), added to the base module's x·Wᵀ + b (torch.nn.Linear's [out
               for e < 4 (LoRAs of q and v; adapter 2 gets its rank from rank_pattern and
               adapter 3 uses rsLoRA, all with the same scale), DIR/expected.safetensors (x
               [4, L, in] and y [4, L, out]: example e through the base q module and adapter
-              e's LoRA of q, computed here), and broken adapters DIR/bad_<what>.
+              e's LoRA of q, computed here), and broken adapters DIR/bad_<what> (bad_nan: a NaN
+              in lora_B, refused only by a layer in checked mode).
   check DIR   reads DIR/saved_<e>, written by smear's save_peft from the loaded adapters, and
               checks PEFT's format and that it holds adapter e's LoRA of q.
 """
@@ -139,6 +140,10 @@ def write(root):
         "base_model.model.%s.lora_A.weight" % MODULE: ([R - 1, IN], [0.0] * ((R - 1) * IN), "F32"),
         "base_model.model.%s.lora_B.weight" % MODULE: ([OUT, R], [0.0] * (OUT * R), "F32")})
     write_adapter(os.path.join(root, "bad_module"), config(R, ALPHA), lora_tensors(0, R, modules=(OTHER,)))
+    nan = lora_tensors(0, R)
+    shape, vals, dtype = nan["base_model.model.%s.lora_B.weight" % MODULE]
+    nan["base_model.model.%s.lora_B.weight" % MODULE] = (shape, vals[:5] + [float("nan")] + vals[6:], dtype)
+    write_adapter(os.path.join(root, "bad_nan"), config(R, ALPHA), nan)
     os.makedirs(os.path.join(root, "bad_json"), exist_ok=True)
     with open(os.path.join(root, "bad_json", "adapter_config.json"), "w") as f:
         f.write('{"peft_type": "LORA", "r": 4,')

@@ -31,12 +31,12 @@ std::vector<fs::path> adapters() {
 
 /// A tag-routed layer (example e runs expert e) of LoRA experts over the base q module.
 using peft_layer = layer<lora<double>, N>;
-peft_layer make_layer(double alpha_scale = 1.0) {
+peft_layer make_layer(double alpha_scale = 1.0, bool check_finite = false) {
   const auto base = read_peft_base<double>(root / "base" / "model.safetensors", module);
   auto config = read_peft_config(root / "adapter_0", module);
   config.alpha *= alpha_scale;
   return peft_layer{lora<double>{base.in, base.out, config.rank, base.weight, base.bias, config.options()},
-                    {.routing = {.strategy = strategy::tag}}};
+                    {.routing = {.strategy = strategy::tag}, .check_finite = check_finite}};
 }
 
 std::vector<double> bank_values(const peft_layer& l) {
@@ -104,6 +104,18 @@ TEST_CASE("broken PEFT adapters are refused with their reason and change nothing
   refused("bad_module", "it holds LoRAs of: encoder.block.0.layer.0.SelfAttention.v");
   refused("bad_json", "is not valid JSON");
   refused("missing", "cannot open");
+  // a NaN loads as it is (IEEE arithmetic propagates it) except into a layer in checked mode
+  auto with_nan = adapters();
+  with_nan[2] = root / "bad_nan";
+  load_peft(block, with_nan, module);
+  // lora_B [out 5, r 4] at flat index 5 is B[1][1]: lora_b [r, out] after lora_a [in 6, r 4]
+  CHECK(std::isnan(block.bank()[2][6 * 4 + 1 * 5 + 1]));
+  auto checked = make_layer(1.0, true);
+  const auto checked_before = bank_values(checked);
+  CHECK_THROWS_WITH_AS(load_peft(checked, with_nan, module),
+                       doctest::Contains("lora_B.weight' holds nan at flat index 5; the layer is in checked mode"),
+                       io_error);
+  CHECK(bank_values(checked) == checked_before);
   auto three = adapters();
   three.pop_back();
   CHECK_THROWS_WITH_AS(load_peft(block, three, module), "smear::load_peft: 3 adapter directories for 4 experts",

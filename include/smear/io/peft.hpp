@@ -108,23 +108,14 @@ namespace detail {
 
 inline constexpr std::string_view peft_prefix = "base_model.model.";
 
-inline std::string peft_key(std::string_view module, std::string_view which) {
-  std::string m(module);
-  if (m.starts_with(peft_prefix)) m.erase(0, peft_prefix.size());
-  return std::string(peft_prefix) + m + "." + std::string(which) + ".weight";
-}
-
+/// The module's name as the base model knows it (without PEFT's "base_model.model.").
 inline std::string peft_module(std::string_view module) {
   return std::string(module.starts_with(peft_prefix) ? module.substr(peft_prefix.size()) : module);
 }
 
-/// Whether PEFT's pattern `key` (rank_pattern, alpha_pattern) selects `module`.
-inline bool peft_pattern_matches(const std::string& key, const std::string& module) {
-  try {
-    return std::regex_match(module, std::regex("(.*\\.)?(" + key + ")"));
-  } catch (const std::regex_error&) {
-    return false;
-  }
+/// The adapter file's name of one of the module's tensors ("lora_A", "lora_B").
+inline std::string peft_key(std::string_view module, std::string_view which) {
+  return std::string(peft_prefix) + peft_module(module) + "." + std::string(which) + ".weight";
 }
 
 inline nlohmann::json read_json(const std::filesystem::path& path) {
@@ -175,6 +166,14 @@ inline peft_config read_peft_config(const std::filesystem::path& dir, std::strin
   };
   if (!j.is_object()) throw fail("expected a JSON object");
   const std::string name = detail::peft_module(module);
+  // PEFT's regular expressions match the whole name (re.fullmatch)
+  auto matches = [&](const std::string& pattern, const std::string& field) {
+    try {
+      return std::regex_match(name, std::regex(pattern));
+    } catch (const std::regex_error& e) {
+      throw fail(field, " '", pattern, "' is not a regular expression: ", e.what());
+    }
+  };
   try {
     if (j.value("peft_type", std::string("LORA")) != "LORA")
       throw fail("peft_type is '", j.at("peft_type").get<std::string>(), "', smear reads LORA adapters");
@@ -197,11 +196,7 @@ inline peft_config read_peft_config(const std::filesystem::path& dir, std::strin
     std::string listed;
     if (targets.is_string()) {
       listed = targets.get<std::string>();
-      try {
-        targeted = std::regex_match(name, std::regex(listed));
-      } catch (const std::regex_error& e) {
-        throw fail("target_modules '", listed, "' is not a regular expression: ", e.what());
-      }
+      targeted = matches(listed, "target_modules");
     } else if (targets.is_array()) {
       for (const auto& t : targets) {
         const auto s = t.get<std::string>();
@@ -213,20 +208,20 @@ inline peft_config read_peft_config(const std::filesystem::path& dir, std::strin
     }
     if (!targeted)
       throw fail("target_modules (", listed, ") do not include module '", name, "'");
-    for (const auto& [pattern, field] : {std::pair{"rank_pattern", 0}, std::pair{"alpha_pattern", 1}}) {
-      if (!j.contains(pattern) || j.at(pattern).is_null()) continue;
-      for (const auto& [key, value] : j.at(pattern).items()) {
-        if (!detail::peft_pattern_matches(key, name)) continue;
-        if (field == 0) {
-          if (!value.is_number_integer() || value.get<long long>() <= 0)
-            throw fail("rank_pattern['", key, "'] must be a positive integer");
-          c.rank = value.get<std::size_t>();
-        } else {
-          c.alpha = value.get<double>();
-        }
-        break;
-      }
+    // rank_pattern / alpha_pattern: the first key that selects the module, as PEFT's
+    // get_pattern_key does ("(.*\.)?(key)")
+    auto pattern_value = [&](const char* pattern) -> const nlohmann::json* {
+      if (!j.contains(pattern) || j.at(pattern).is_null()) return nullptr;
+      for (const auto& [key, value] : j.at(pattern).items())
+        if (matches("(.*\\.)?(" + key + ")", std::string(pattern) + " key")) return &value;
+      return nullptr;
+    };
+    if (const auto* r = pattern_value("rank_pattern")) {
+      if (!r->is_number_integer() || r->get<long long>() <= 0)
+        throw fail("rank_pattern's entry for '", name, "' must be a positive integer");
+      c.rank = r->get<std::size_t>();
     }
+    if (const auto* a = pattern_value("alpha_pattern")) c.alpha = a->get<double>();
     if (!std::isfinite(c.alpha)) throw fail("lora_alpha is not finite");
     return c;
   } catch (const nlohmann::json::exception& e) {
@@ -262,10 +257,11 @@ peft_lora<T> read_peft_lora(const std::filesystem::path& dir, std::string_view m
 
 /// Loads `module`'s LoRA of adapter directory dirs[e] into expert e of `bank`, for every
 /// expert; all or nothing. Throws io_error for a count of directories other than N, a rank,
-/// shape or scale other than the experts' (naming the directory), and what read_peft_config
-/// refuses.
+/// shape or scale other than the experts' (naming the directory), what read_peft_config
+/// refuses, and, with `finite`, a NaN or ±Inf value (naming the tensor and the index).
 template <class T, std::size_t N>
-void load_peft(expert_bank<lora<T>, N>& bank, std::span<const std::filesystem::path> dirs, std::string_view module) {
+void load_peft(expert_bank<lora<T>, N>& bank, std::span<const std::filesystem::path> dirs, std::string_view module,
+               bool finite = false) {
   if (dirs.size() != N)
     throw io_error(detail::message("smear::load_peft: ", dirs.size(), " adapter directories for ", N, " experts"));
   const auto& expert = bank.expert();
@@ -278,6 +274,13 @@ void load_peft(expert_bank<lora<T>, N>& bank, std::span<const std::filesystem::p
                                      "' has rank ", lora.config.rank, ", in ", lora.in, ", out ", lora.out,
                                      "; the experts have rank ", expert.rank(), ", in ", expert.input_dim(), ", out ",
                                      expert.output_dim()));
+    if (finite)
+      for (const auto& [which, values] : {std::pair{"lora_A", &lora.a}, std::pair{"lora_B", &lora.b}})
+        for (std::size_t i = 0; i < values->size(); ++i)
+          if (!std::isfinite((*values)[i]))
+            throw io_error(detail::message("smear::load_peft: '", where, "': tensor '",
+                                           detail::peft_key(module, which), "' holds ", (*values)[i],
+                                           " at flat index ", i, "; the layer is in checked mode (check_finite)"));
     const double s = lora.config.scaling(), mine = static_cast<double>(expert.scale());
     if (std::abs(s - mine) > 1e-6 * std::max(std::abs(s), std::abs(mine)))
       throw io_error(detail::message("smear::load_peft: '", where, "': the adapter's scale lora_alpha / ",
@@ -296,10 +299,11 @@ void load_peft(expert_bank<lora<T>, N>& bank, std::span<const std::filesystem::p
   for (std::size_t e = 0; e < N; ++e) std::copy(staged[e].begin(), staged[e].end(), bank[e].begin());
 }
 
-/// The same into a layer's bank; its inference cache is invalidated.
+/// The same into a layer's bank (a layer in checked mode refuses non-finite values); its
+/// inference cache is invalidated. A cuda layer's bank() is its host mirror: upload() after.
 template <class T, std::size_t N, class Backend>
 void load_peft(layer<lora<T>, N, Backend>& l, std::span<const std::filesystem::path> dirs, std::string_view module) {
-  load_peft(l.bank(), dirs, module);
+  load_peft(l.bank(), dirs, module, l.options().check_finite);
   l.invalidate_cache();
 }
 
@@ -352,7 +356,7 @@ void save_peft(const expert_bank<lora<T>, N>& bank, std::span<const std::filesys
   }
 }
 
-/// The same from a layer's bank.
+/// The same from a layer's bank (a cuda layer's host mirror: download() first).
 template <class T, std::size_t N, class Backend>
 void save_peft(const layer<lora<T>, N, Backend>& l, std::span<const std::filesystem::path> dirs,
                std::string_view module, const peft_save_options& options = {}) {
