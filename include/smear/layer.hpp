@@ -355,8 +355,7 @@ class layer : public layer_core<Expert, N> {
     const tokens<T> dx_router{dx.data(), x.batch, x.length, this->input_dim(), x.lengths};
     const auto& p = this->plan_;
     const feedback_needs needs = this->planner_->needs(p, this->was_training_);
-    plan_feedback<T> fb{.losses = repeat_per_unit(example_losses, u.batch / x.batch, buf_.units.losses),
-                        .training = this->was_training_};
+    plan_feedback<T> fb = this->feedback(repeat_per_unit(example_losses, u.batch / x.batch, buf_.units.losses));
     if (needs.features) fb.features = this->router_.features(route_);
     if (p.kind == plan_kind::soft) {
       backward_soft(be, x, dy, dxt);
@@ -516,14 +515,17 @@ class layer : public layer_core<Expert, N> {
     const Backend be{};
     const tokens<const T> u = this->units(x, ctx, f.buf.units);
     const router_use use = pl.router(ctx);
+    const std::size_t S = u.batch / x.batch;  // routing units per example
     if (use != router_use::none) {
-      this->router_.forward(be, x, ctx.training && use == router_use::with_dropout, gen, f.route);
+      const bool dropout = ctx.training && use == router_use::with_dropout;
+      this->draw_for_replicas(ctx, S, this->router_.draws(dropout), gen,
+                              [&] { this->router_.forward(be, x, dropout, gen, f.route); });
       ctx.logits = this->router_.logits(f.route);
       ctx.probabilities = this->router_.probabilities(f.route);
     } else if (pl.reads_pooled()) {
       ctx.pooled = this->router_.pool(be, x, f.route);
     }
-    pl.plan(ctx, gen, f.plan);
+    this->draw_for_replicas(ctx, S, pl.draws(ctx), gen, [&] { pl.plan(ctx, gen, f.plan); });
     if (f.plan.kind == plan_kind::soft) return run_soft(be, f, pl, x, y, op);
     prepare(be, f, u.batch, u.length);
     if (f.plan.kind == plan_kind::mixture)

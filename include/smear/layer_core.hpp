@@ -114,6 +114,13 @@ class layer_core {
   }
   const smear::soft_moe<T>& soft_moe() const { return soft_moe_of(*planner_); }
 
+  /// Makes the layer one of data-parallel replicas sharing each batch (smear/replicas.hpp;
+  /// smear::mpi::data_parallel is one): in training, its forwards draw what a run of the whole
+  /// global batch draws for this process's examples and its strategies' batch statistics cover
+  /// the global batch. `group` must outlive the layer's use of it; nullptr: alone again.
+  void set_replicas(replica_group<T>* group) noexcept { replicas_ = group; }
+  replica_group<T>* replicas() const noexcept { return replicas_; }
+
   /// Restarts the generator behind every sampled decision (expert dropout, Gumbel noise,
   /// REINFORCE's and AdaMix's draws, relaxed Bernoulli skills) from `seed`.
   void reseed(std::uint64_t seed) noexcept { gen_ = rng{seed}; }
@@ -233,7 +240,7 @@ class layer_core {
       : bank_(o.bank_), router_(o.router_), opt_(o.opt_), residual_(o.residual_), training_(o.training_),
         was_training_(o.was_training_), gen_(o.gen_), planner_(o.planner_->clone()), plan_(o.plan_), last_(o.last_),
         pending_backward_(o.pending_backward_), version_(o.version_), cache_builds_(o.cache_builds_),
-        steps_(o.steps_) {}
+        steps_(o.steps_), replicas_(o.replicas_) {}
   layer_core& operator=(const layer_core& o) {
     if (this != &o) *this = layer_core(o);
     return *this;
@@ -274,6 +281,13 @@ class layer_core {
     route_context<T> c{.batch = x.batch, .length = x.length, .lengths = x.lengths, .in = in, .training = training_,
                        .step = steps_};
     c.inv_temperature = static_cast<T>(1.0 / router_.options().temperature);
+    if (training_ && replicas_ != nullptr) {
+      if (replicas_->first() + x.batch > replicas_->total())
+        throw value_error(detail::message(op, ": this replica's B = ", x.batch, " examples from example ",
+                                          replicas_->first(), " do not fit the replicas' global batch of ",
+                                          replicas_->total(), " (start each step's batch in the replica group)"));
+      c.replicas = replicas_;
+    }
     planner_->check(c, op);
     return c;
   }
@@ -284,8 +298,24 @@ class layer_core {
     was_training_ = training_;
     if (training_) touch();
   }
-  /// Plans the batch once the router's outputs (when the planner reads them) are in `c`.
-  void make_plan(const route_context<T>& c) { planner_->plan(c, gen_, plan_); }
+  /// Plans the batch (`units_per_example` routing units per example) once the router's outputs
+  /// (when the planner reads them) are in `c`.
+  void make_plan(const route_context<T>& c, std::size_t units_per_example) {
+    draw_for_replicas(c, units_per_example, planner_->draws(c), gen_, [&] { planner_->plan(c, gen_, plan_); });
+  }
+  /// Runs `draw`, which takes `per_unit` draws from `gen` for each of the c.batch routing units
+  /// (`units_per_example` per example), between skips of the draws the other replicas' units
+  /// take before and after this process's (smear/replicas.hpp), so every replica's generator
+  /// moves as one run of the global batch would move it.
+  template <class Draw>
+  static void draw_for_replicas(const route_context<T>& c, std::size_t units_per_example, std::size_t per_unit,
+                                rng& gen, Draw&& draw) {
+    if (c.replicas == nullptr || per_unit == 0) return draw();
+    const std::size_t first = c.replicas->first() * units_per_example;
+    gen.discard(first * per_unit);
+    draw();
+    gen.discard((c.replicas->total() * units_per_example - first - c.batch) * per_unit);
+  }
   /// Records a completed forward of `x`, so backward() may follow.
   void end_forward(tokens<const T> x) noexcept {
     last_ = x;
@@ -339,6 +369,11 @@ class layer_core {
     if (!losses.empty() && losses.size() != x.batch)
       throw shape_error(detail::message(op, ": example_losses has ", losses.size(), " values, expected B = ", x.batch));
   }
+  /// What the planner's backward gets before the executor's measurements: the losses per
+  /// routing unit, the forward's mode and, in training, the replicas.
+  plan_feedback<T> feedback(std::span<const T> unit_losses) const noexcept {
+    return {.losses = unit_losses, .training = was_training_, .replicas = was_training_ ? replicas_ : nullptr};
+  }
   /// A checked backward starts: it is the last forward's only one, and it changes parameters.
   void begin_backward() noexcept {
     pending_backward_ = false;
@@ -368,6 +403,7 @@ class layer_core {
   std::uint64_t version_ = detail::next_parameter_version();
   mutable detail::relaxed_counter cache_builds_;
   std::uint64_t steps_ = 0;  ///< training steps completed (see training_steps())
+  replica_group<T>* replicas_ = nullptr;  ///< data-parallel replicas sharing each batch (set_replicas)
 
  private:
   template <class P>

@@ -1,7 +1,9 @@
 #pragma once
 /// \file random.hpp
 /// A small, portable random number generator (xoshiro256**, seeded through splitmix64), so a
-/// fixed seed gives the same numbers with every compiler and standard library.
+/// fixed seed gives the same numbers with every compiler and standard library. Every sampling
+/// call but normal() takes exactly one draw, so data-parallel replicas can skip the draws of
+/// the other replicas' examples (smear/replicas.hpp).
 
 #include <cmath>
 #include <cstdint>
@@ -42,6 +44,18 @@ class rng {
   /// Uniform in [0, 1), 53 random bits.
   double uniform() noexcept { return static_cast<double>((*this)() >> 11) * 0x1.0p-53; }
 
+  /// Uniform in (0, 1): uniform(), with the one value 0 (probability 2⁻⁵³) moved to 2⁻⁵⁴, so
+  /// that, unlike a rejection loop, it always takes exactly one draw.
+  double uniform_positive() noexcept {
+    const double u = uniform();
+    return u > 0.0 ? u : 0x1.0p-54;
+  }
+
+  /// Skips the next n draws (what n calls of operator() would take).
+  void discard(std::uint64_t n) noexcept {
+    for (; n > 0; --n) (*this)();
+  }
+
   /// Uniform integer in [0, n).
   std::uint64_t below(std::uint64_t n) noexcept {
     return static_cast<std::uint64_t>(uniform() * static_cast<double>(n)) % n;
@@ -55,12 +69,8 @@ class rng {
     return std::sqrt(-2.0 * std::log(u)) * std::cos(2.0 * std::numbers::pi * v);
   }
 
-  /// Standard Gumbel sample: -log(-log(u)).
-  double gumbel() noexcept {
-    double u = uniform();
-    while (u <= 0.0) u = uniform();
-    return -std::log(-std::log(u));
-  }
+  /// Standard Gumbel sample: -log(-log(u)), one draw.
+  double gumbel() noexcept { return -std::log(-std::log(uniform_positive())); }
 
  private:
   static constexpr std::uint64_t rotl(std::uint64_t x, int k) noexcept {

@@ -172,8 +172,10 @@ class device_layer : public layer_core<Expert, N> {
     const std::int32_t* lens = upload_lengths(u);
     const router_use use = this->planner_->router(c);
     if (use != router_use::none) {
-      router_dev_.forward(*ctx_, this->router_, x.data, lens, B, L, S, c.training && use == router_use::with_dropout,
-                          this->gen_, op);
+      const bool dropout = c.training && use == router_use::with_dropout;
+      this->draw_for_replicas(c, S, this->router_.draws(dropout), this->gen_, [&] {
+        router_dev_.forward(*ctx_, this->router_, x.data, lens, B, L, S, dropout, this->gen_, op);
+      });
       if (this->planner_->reads_router()) {  // the planner decides on the host
         const std::size_t K = this->router_.outputs();
         logits_host_.resize(B * K);
@@ -187,7 +189,7 @@ class device_layer : public layer_core<Expert, N> {
       c.pooled = download(router_dev_.pool(*ctx_, this->router_, x.data, lens, B, L, S), B, this->input_dim(),
                           pooled_host_, op);
     }
-    this->make_plan(c);
+    this->make_plan(c, S);
     routing_valid_ = false;
     reserve(B, L);
     const auto& p = this->plan_;
@@ -232,7 +234,7 @@ class device_layer : public layer_core<Expert, N> {
     }
     const auto& p = this->plan_;
     const feedback_needs needs = this->planner_->needs(p, this->was_training_);
-    plan_feedback<T> fb{.losses = repeat_per_unit(example_losses, S, units_.losses), .training = this->was_training_};
+    plan_feedback<T> fb = this->feedback(repeat_per_unit(example_losses, S, units_.losses));
     // ∂ℓ/∂W (merge) or the slots' ⟨dy, f⟩ (mixture): the by-router plans' ∂ℓ/∂p
     T* measured = dslots_.data();
     if (p.kind == plan_kind::soft) {

@@ -19,6 +19,7 @@ class adamix_planner : public planner_base<adamix_planner<T>, T> {
       : n_(experts), groups_(parameter_groups(layout)) {}
 
   router_use router(const route_context<T>&) const override { return router_use::none; }
+  std::size_t draws(const route_context<T>& c) const noexcept override { return c.training ? groups_.size() : 0; }
   void plan(const route_context<T>& c, rng& gen, routing_plan<T>& out) override {
     const std::size_t B = c.batch, G = groups_.size();
     if (!c.training) {  // the average, as a one-row table

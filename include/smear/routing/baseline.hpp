@@ -13,6 +13,7 @@
 
 #include "smear/parameter.hpp"
 #include "smear/random.hpp"
+#include "smear/replicas.hpp"
 #include "smear/routing/strategy.hpp"
 #include "smear/tensor.hpp"
 
@@ -45,15 +46,15 @@ class reinforce_baseline {
   }
 
   /// The baseline for each example (features [B, d], the router's detached input; only the
-  /// learned kind reads them). A moving
-  /// average not yet started takes the batch's mean loss.
-  void predict(matrix_ref<const T> features, std::span<const T> losses, std::span<T> out) {
+  /// learned kind reads them). A moving average not yet started takes the batch's mean loss
+  /// (the global batch's, over `replicas`).
+  void predict(matrix_ref<const T> features, std::span<const T> losses, std::span<T> out,
+               replica_group<T>* replicas = nullptr) {
     const std::size_t B = losses.size();
     if (kind_ == baseline::moving_average) {
+      mean_ = mean_loss(losses, replicas);
       if (!started_) {
-        T mean = 0;
-        for (auto l : losses) mean += l;
-        average_ = mean / static_cast<T>(B);
+        average_ = mean_;
         started_ = true;
       }
       std::fill(out.begin(), out.end(), average_);
@@ -72,15 +73,13 @@ class reinforce_baseline {
     }
   }
 
-  /// After predict(): moves the average, or accumulates the gradient of the learned
-  /// baseline's value loss: mean_b (baseline_b − loss_b)², or mean_b huber_δ(baseline_b − loss_b).
+  /// After predict(): moves the average by the mean loss predict() saw, or accumulates the
+  /// gradient of the learned baseline's value loss: mean_b (baseline_b − loss_b)², or
+  /// mean_b huber_δ(baseline_b − loss_b) (the batch's mean: average it over replicas).
   void update(matrix_ref<const T> features, std::span<const T> losses, std::span<const T> predicted) {
     const std::size_t B = losses.size();
-    T mean = 0;
-    for (auto l : losses) mean += l;
-    mean /= static_cast<T>(B);
     if (kind_ == baseline::moving_average) {
-      average_ = static_cast<T>(momentum_) * average_ + static_cast<T>(1 - momentum_) * mean;
+      average_ = static_cast<T>(momentum_) * average_ + static_cast<T>(1 - momentum_) * mean_;
       return;
     }
     T* gw1 = grads_.data();
@@ -101,6 +100,14 @@ class reinforce_baseline {
   }
 
  private:
+  /// The mean of `losses`, or of every replica's losses.
+  static T mean_loss(std::span<const T> losses, replica_group<T>* replicas) {
+    T sum_count[2] = {T(0), static_cast<T>(losses.size())};
+    for (auto l : losses) sum_count[0] += l;
+    detail::sum_over_replicas<T>(replicas, sum_count);
+    return sum_count[0] / sum_count[1];
+  }
+
   /// ∂/∂r of the value loss of one example at residual r.
   T value_loss_derivative(T r) const noexcept {
     if (loss_ == value_loss::squared) return T(2) * r;
@@ -114,6 +121,7 @@ class reinforce_baseline {
   smear::value_loss loss_;
   double delta_;
   T average_ = 0;
+  T mean_ = 0;  ///< the mean loss of predict()'s batch
   bool started_ = false;
   std::vector<T> values_, grads_, hidden_;
 };

@@ -21,8 +21,8 @@ template <class T>
 class cluster_planner : public planner_base<cluster_planner<T>, T> {
  public:
   cluster_planner(std::size_t experts, std::size_t parameters, std::size_t dim, const strategy_options& o, rng& init)
-      : n_(experts), p_(parameters), d_(dim), momentum_(o.cluster_momentum), centres_(experts * dim), sums_(experts * dim),
-        norms_(experts), members_(experts) {
+      : n_(experts), p_(parameters), d_(dim), momentum_(o.cluster_momentum), centres_(experts * dim), sums_(experts * (dim + 1)),
+        norms_(experts) {
     for (auto& v : centres_) v = static_cast<T>(o.cluster_init_scale * init.normal());
   }
 
@@ -49,22 +49,23 @@ class cluster_planner : public planner_base<cluster_planner<T>, T> {
       }
       return best;
     });
+    // the members' sums [N, d], then their counts [N] (summed over replicas: the global batch's)
     std::fill(sums_.begin(), sums_.end(), T(0));
-    std::fill(members_.begin(), members_.end(), std::size_t{0});
+    T* members = sums_.data() + n_ * d_;
     for (std::size_t b = 0; b < c.batch; ++b) {
       const auto e = static_cast<std::size_t>(out.expert[b]);
-      ++members_[e];
+      members[e] += T(1);
       for (std::size_t j = 0; j < d_; ++j) sums_[e * d_ + j] += h(b, j);
     }
+    detail::sum_over_replicas<T>(c.replicas, sums_);
     const T m = static_cast<T>(momentum_);
     for (std::size_t e = 0; e < n_; ++e)
-      if (members_[e] > 0)
+      if (members[e] > T(0))
         for (std::size_t j = 0; j < d_; ++j)
-          centres_[e * d_ + j] = (T(1) - m) * centres_[e * d_ + j] + m * sums_[e * d_ + j] / static_cast<T>(members_[e]);
+          centres_[e * d_ + j] = (T(1) - m) * centres_[e * d_ + j] + m * sums_[e * d_ + j] / members[e];
   }
   std::size_t workspace_bytes() const noexcept override {
-    return planner<T>::workspace_bytes() + sizeof(T) * (sums_.capacity() + norms_.capacity()) +
-           sizeof(std::size_t) * members_.capacity();
+    return planner<T>::workspace_bytes() + sizeof(T) * (sums_.capacity() + norms_.capacity());
   }
 
  private:
@@ -77,8 +78,7 @@ class cluster_planner : public planner_base<cluster_planner<T>, T> {
   std::size_t n_, p_, d_;
   double momentum_;
   std::vector<T> centres_;
-  std::vector<T> sums_, norms_;    ///< per forward: the members' sums [N, d], the centres' norms [N]
-  std::vector<std::size_t> members_;
+  std::vector<T> sums_, norms_;  ///< per forward: the members' sums [N, d] and counts [N]; the centres' norms [N]
 };
 
 }  // namespace smear

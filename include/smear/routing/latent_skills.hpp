@@ -47,8 +47,7 @@ class latent_skills {
     for (std::size_t e = 0; e < experts_; ++e) {
       double t = static_cast<double>(a[e]);
       if (training) {
-        double u = gen.uniform();
-        while (u <= 0.0) u = gen.uniform();
+        const double u = gen.uniform_positive();
         t = (t + std::log(u) - std::log1p(-u)) / temperature_;
       }
       s[e] = static_cast<T>(1.0 / (1.0 + std::exp(-t)));
@@ -94,6 +93,7 @@ class latent_skills_planner : public planner_base<latent_skills_planner<T>, T> {
     detail::check_tags(c.in.tags, c.batch, skills_.tasks(), "latent_skills", " (one row per task)", op);
   }
   router_use router(const route_context<T>&) const override { return router_use::none; }
+  std::size_t draws(const route_context<T>& c) const noexcept override { return c.training ? n_ : 0; }
   void plan(const route_context<T>& c, rng& gen, routing_plan<T>& out) override {
     const std::size_t B = c.batch, N = n_;
     out.reset(plan_kind::merge, B, N);

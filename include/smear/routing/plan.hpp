@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "smear/layout.hpp"
+#include "smear/replicas.hpp"
 #include "smear/tensor.hpp"
 
 namespace smear {
@@ -114,6 +115,7 @@ struct plan_feedback {
   matrix_ref<const T> features{};
   std::span<const T> losses{};  ///< each example's loss ([B] or empty)
   bool training = true;         ///< the mode of the forward being differentiated
+  replica_group<T>* replicas = nullptr;  ///< data-parallel replicas sharing the batch, or none
 };
 
 /// Where the router's gradient comes from after a planner's backward.

@@ -20,6 +20,7 @@
 #include "smear/error.hpp"
 #include "smear/parameter.hpp"
 #include "smear/random.hpp"
+#include "smear/replicas.hpp"
 #include "smear/routing/plan.hpp"
 #include "smear/routing/strategy.hpp"
 #include "smear/tensor.hpp"
@@ -46,6 +47,7 @@ struct route_context {
   matrix_ref<const T> probabilities{};  ///< [B, N]: softmax(z / τ), after expert dropout
   T inv_temperature = T(1);             ///< 1 / τ of the router
   matrix_ref<const T> pooled{};         ///< [B, d]: each example's pooled input (planners that reads_pooled())
+  replica_group<T>* replicas = nullptr; ///< data-parallel replicas sharing the batch (training only), or none
 
   std::size_t valid(std::size_t b) const noexcept {
     return lengths.empty() ? length : static_cast<std::size_t>(lengths[b]);
@@ -71,8 +73,11 @@ class planner {
   /// Whether plan() reads each example's pooled input (the router's pooling, nothing more),
   /// given in route_context::pooled on the host.
   virtual bool reads_pooled() const noexcept { return false; }
-  /// The batch's plan; every sampled decision is drawn from `gen`.
+  /// The batch's plan; every sampled decision is drawn from `gen`, routing unit by unit.
   virtual void plan(const route_context<T>& ctx, rng& gen, routing_plan<T>& out) = 0;
+  /// How many draws plan() takes from `gen` for each routing unit of this batch (the same for
+  /// every unit), so data-parallel replicas can skip each other's (smear/replicas.hpp).
+  virtual std::size_t draws(const route_context<T>&) const noexcept { return 0; }
 
   /// Whether backward() after a forward in mode `training` needs each example's loss.
   virtual bool needs_losses(bool /*training*/) const noexcept { return false; }

@@ -27,6 +27,7 @@ class reinforce_planner : public planner_base<reinforce_planner<T>, T> {
 
   router_use router(const route_context<T>&) const override { return router_use::route; }
   bool reads_router() const noexcept override { return true; }
+  std::size_t draws(const route_context<T>& c) const noexcept override { return c.training ? 1 : 0; }
   void plan(const route_context<T>& c, rng& gen, routing_plan<T>& out) override {
     const std::size_t B = c.batch;
     out.reset(plan_kind::mixture, B, n_);
@@ -51,7 +52,7 @@ class reinforce_planner : public planner_base<reinforce_planner<T>, T> {
     const std::size_t B = p.batch;
     const T inv_b = T(1) / static_cast<T>(B);
     base_.resize(B);
-    baseline_.predict(fb.features, fb.losses, base_);
+    baseline_.predict(fb.features, fb.losses, base_, fb.replicas);
     auto dz = this->gradient_buffer(B, n_);
     for (std::size_t b = 0; b < B; ++b)
       estimate::reinforce_gradient<T>(p.weight_matrix().row(b), static_cast<std::size_t>(p.expert[b]),

@@ -112,6 +112,8 @@ class router {
 
   std::size_t input_dim() const noexcept { return d_; }
   std::size_t outputs() const noexcept { return k_; }
+  /// Draws forward() takes from its generator per routing unit: expert dropout's keep mask.
+  std::size_t draws(bool dropout) const noexcept { return dropout && opt_.expert_dropout > 0.0 ? k_ : 0; }
   const router_options& options() const noexcept { return opt_; }
   const parameter_layout& layout() const noexcept { return layout_; }
   std::span<T> values() noexcept { return values_; }

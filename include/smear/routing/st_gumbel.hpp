@@ -29,6 +29,7 @@ class st_gumbel_planner : public planner_base<st_gumbel_planner<T>, T> {
 
   router_use router(const route_context<T>&) const override { return router_use::route; }
   bool reads_router() const noexcept override { return true; }
+  std::size_t draws(const route_context<T>& c) const noexcept override { return c.training ? n_ : 0; }
   void plan(const route_context<T>& c, rng& gen, routing_plan<T>& out) override {
     const std::size_t B = c.batch;
     out.reset(plan_kind::mixture, B, n_);

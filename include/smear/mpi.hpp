@@ -1,0 +1,238 @@
+#pragma once
+/// \file mpi.hpp
+/// smear over MPI (the optional CMake component smear::mpi; the only header of the library that
+/// includes <mpi.h>):
+///
+///   data_parallel      every process holds a copy of the model and a shard of each batch; the
+///                      copies stay equal because their gradients are averaged after backward,
+///                      in buckets that start reducing while the rest of backward runs;
+///   tensor_parallel    (smear/mpi/tensor_parallel.hpp) each process holds one slice of every
+///                      expert's parameters: experts too large for one process.
+///
+/// Data parallelism, for a model of several layers:
+/// ```
+/// smear::mpi::data_parallel<float> dp{MPI_COMM_WORLD};
+/// for (auto* l : layers) l->set_replicas(&dp);        // sampled routing and batch statistics
+/// dp.broadcast(all_parameters);                         // every copy starts from rank 0's
+/// for (each step) {
+///   dp.begin_batch(local_examples);                     // this process's share of the batch
+///   forward ...; loss = mean over the local examples;
+///   for (layers from last to first) { l->backward(...); dp.ready(l->parameters()); }
+///   dp.finish();                                        // gradients: those of the global batch's mean loss
+///   optimiser.step();
+/// }
+/// ```
+/// After finish() every process holds the gradient of the global batch's mean loss (each
+/// process's gradient weighted by its share of the batch, so shards may differ in size), and,
+/// through set_replicas, every sampled routing decision and batch statistic is the one a
+/// single process running the whole global batch would make (smear/replicas.hpp): k steps on
+/// R processes give the parameters of k steps on one, up to the order of floating-point sums.
+///
+/// Parameters in device memory (the cuda layer's) are not reduced here: bring their gradients
+/// to the host first (the cuda layer's download()) and reduce the host mirrors' lists.
+
+#include <mpi.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <limits>
+#include <span>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+#include "smear/concepts.hpp"
+#include "smear/error.hpp"
+#include "smear/parameter.hpp"
+#include "smear/replicas.hpp"
+
+namespace smear::mpi {
+
+/// The MPI datatype of T.
+template <floating_point_value T>
+MPI_Datatype datatype() noexcept {
+  if constexpr (std::is_same_v<T, float>)
+    return MPI_FLOAT;
+  else
+    return MPI_DOUBLE;
+}
+
+/// Throws io_error naming `what` and MPI's message when `rc` is not MPI_SUCCESS (the
+/// communicator's error handler must be MPI_ERRORS_RETURN for MPI to return instead of abort).
+inline void check(int rc, const char* what) {
+  if (rc == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING];
+  int length = 0;
+  MPI_Error_string(rc, text, &length);
+  throw io_error(detail::message("smear::mpi: ", what, " failed: ", std::string_view(text, static_cast<std::size_t>(length))));
+}
+
+/// The rank of this process in `comm`, and the size of `comm`.
+inline int rank(MPI_Comm comm) {
+  int r = 0;
+  check(MPI_Comm_rank(comm, &r), "MPI_Comm_rank");
+  return r;
+}
+inline int size(MPI_Comm comm) {
+  int s = 0;
+  check(MPI_Comm_size(comm, &s), "MPI_Comm_size");
+  return s;
+}
+
+/// values ← their element-wise sum over `comm` (in place).
+template <floating_point_value T>
+void all_sum(MPI_Comm comm, std::span<T> values) {
+  if (values.empty()) return;
+  if (values.size() > static_cast<std::size_t>(std::numeric_limits<int>::max()))
+    throw value_error(detail::message("smear::mpi::all_sum: ", values.size(), " values, more than one MPI call takes"));
+  check(MPI_Allreduce(MPI_IN_PLACE, values.data(), static_cast<int>(values.size()), datatype<T>(), MPI_SUM, comm),
+        "MPI_Allreduce");
+}
+
+/// Data-parallel training over an MPI communicator (see the file comment). One object per
+/// model; every process calls its collective members (begin_batch, ready, finish, broadcast,
+/// sum) in the same order with the same parameter lists.
+template <floating_point_value T>
+class data_parallel final : public replica_group<T> {
+ public:
+  /// Gradients are reduced in buckets of about `bucket_bytes` (each bucket one MPI_Iallreduce).
+  explicit data_parallel(MPI_Comm comm = MPI_COMM_WORLD, std::size_t bucket_bytes = std::size_t{1} << 22)
+      : comm_(comm), rank_(mpi::rank(comm)), size_(mpi::size(comm)),
+        bucket_values_(std::clamp<std::size_t>(bucket_bytes / sizeof(T), 1, std::numeric_limits<int>::max())) {}
+  data_parallel(const data_parallel&) = delete;
+  data_parallel& operator=(const data_parallel&) = delete;
+  /// Waits for reductions still in flight (their results are dropped).
+  ~data_parallel() {
+    for (auto& b : buckets_)
+      if (b.request != MPI_REQUEST_NULL) MPI_Wait(&b.request, MPI_STATUS_IGNORE);
+  }
+
+  MPI_Comm communicator() const noexcept { return comm_; }
+  int rank() const noexcept { return rank_; }
+  int size() const noexcept { return size_; }
+
+  /// Starts a step whose global batch is every process's `local` examples, in rank order.
+  /// Collective. Throws value_error when the whole batch is empty or a step is still open.
+  void begin_batch(std::size_t local) {
+    if (open_ > 0) throw state_error("smear::mpi::data_parallel::begin_batch: the previous step's ready() gradients "
+                                     "were not finish()ed");
+    counts_.resize(static_cast<std::size_t>(size_));
+    unsigned long long mine = local;
+    check(MPI_Allgather(&mine, 1, MPI_UNSIGNED_LONG_LONG, counts_.data(), 1, MPI_UNSIGNED_LONG_LONG, comm_),
+          "MPI_Allgather of the batch shares");
+    first_ = total_ = 0;
+    for (int r = 0; r < size_; ++r) {
+      if (r == rank_) first_ = total_;
+      total_ += static_cast<std::size_t>(counts_[static_cast<std::size_t>(r)]);
+    }
+    local_ = local;
+    if (total_ == 0) throw value_error("smear::mpi::data_parallel::begin_batch: every process's batch is empty");
+  }
+  std::size_t first() const noexcept override { return first_; }
+  std::size_t total() const noexcept override { return total_; }
+  /// This process's examples in the current step.
+  std::size_t local() const noexcept { return local_; }
+
+  void sum(std::span<T> values) override { all_sum(comm_, values); }
+
+  /// Every process's parameter values ← those of `root`. Collective.
+  void broadcast(const parameter_list<T>& params, int root = 0) {
+    for (const auto& p : params) {
+      detail::require_host(p, "smear::mpi::data_parallel::broadcast");
+      if (p.value.size() > static_cast<std::size_t>(std::numeric_limits<int>::max()))
+        throw value_error(detail::message("smear::mpi::data_parallel::broadcast: parameter '", p.name, "' has ",
+                                          p.value.size(), " values, more than one MPI call takes"));
+      check(MPI_Bcast(p.value.data(), static_cast<int>(p.value.size()), datatype<T>(), root, comm_), "MPI_Bcast");
+    }
+  }
+
+  /// The gradients of `params` are final for this step (their layer's backward is done):
+  /// copies them, weighted by this process's share of the batch, into the open bucket, and
+  /// starts reducing each bucket that fills, while the caller goes on with backward.
+  /// Collective in the sense that every process must hand the same lists in the same order.
+  void ready(const parameter_list<T>& params) {
+    if (total_ == 0) throw state_error("smear::mpi::data_parallel::ready: call begin_batch() first");
+    const T weight = static_cast<T>(local_) / static_cast<T>(total_);
+    for (const auto& p : params) {
+      detail::require_host(p, "smear::mpi::data_parallel");
+      std::span<T> g = p.grad;
+      while (!g.empty()) {
+        bucket& b = open_bucket();
+        const std::size_t n = std::min(g.size(), bucket_values_ - b.used);
+        std::transform(g.begin(), g.begin() + static_cast<std::ptrdiff_t>(n), b.values.begin() +
+                       static_cast<std::ptrdiff_t>(b.used), [weight](T v) { return weight * v; });
+        b.targets.push_back({b.used, g.first(n)});
+        b.used += n;
+        g = g.subspan(n);
+        if (b.used == bucket_values_) start(b);
+      }
+    }
+    progress();
+  }
+
+  /// Starts the last bucket, waits for every reduction and writes the sums back: each
+  /// gradient handed to ready() is then Σ_r (B_r / B)·g_r, the same on every process.
+  void finish() {
+    if (open_ > 0 && !buckets_[open_ - 1].started) start(buckets_[open_ - 1]);
+    for (std::size_t i = 0; i < open_; ++i) {
+      bucket& b = buckets_[i];
+      check(MPI_Wait(&b.request, MPI_STATUS_IGNORE), "MPI_Wait for a gradient bucket");
+      for (const auto& t : b.targets)
+        std::copy_n(b.values.begin() + static_cast<std::ptrdiff_t>(t.offset), t.grad.size(), t.grad.begin());
+      b.targets.clear();
+      b.used = 0;
+      b.started = false;
+    }
+    open_ = 0;
+  }
+
+  /// Buckets this object has allocated (reused step after step).
+  std::size_t buckets() const noexcept { return buckets_.size(); }
+
+ private:
+  struct target {
+    std::size_t offset;
+    std::span<T> grad;
+  };
+  struct bucket {
+    std::vector<T> values;
+    std::vector<target> targets;
+    std::size_t used = 0;
+    bool started = false;
+    MPI_Request request = MPI_REQUEST_NULL;
+  };
+
+  /// The bucket gradients go into now: the last open one unless it is started.
+  bucket& open_bucket() {
+    if (open_ == 0 || buckets_[open_ - 1].started) {
+      if (open_ == buckets_.size()) buckets_.emplace_back().values.resize(bucket_values_);
+      ++open_;
+    }
+    return buckets_[open_ - 1];
+  }
+  void start(bucket& b) {
+    check(MPI_Iallreduce(MPI_IN_PLACE, b.values.data(), static_cast<int>(b.used), datatype<T>(), MPI_SUM, comm_,
+                         &b.request),
+          "MPI_Iallreduce of a gradient bucket");
+    b.started = true;
+  }
+  /// Lets MPI move the started reductions on (without an asynchronous progress thread, MPI
+  /// advances non-blocking collectives only inside MPI calls).
+  void progress() {
+    for (std::size_t i = 0; i < open_; ++i)
+      if (buckets_[i].started && buckets_[i].request != MPI_REQUEST_NULL) {
+        int done = 0;
+        check(MPI_Test(&buckets_[i].request, &done, MPI_STATUS_IGNORE), "MPI_Test");
+      }
+  }
+
+  MPI_Comm comm_;
+  int rank_, size_;
+  std::size_t bucket_values_;
+  std::vector<unsigned long long> counts_;
+  std::size_t first_ = 0, total_ = 0, local_ = 0;
+  std::vector<bucket> buckets_;
+  std::size_t open_ = 0;  ///< buckets_[0, open_) hold this step's gradients
+};
+
+}  // namespace smear::mpi
