@@ -1,4 +1,4 @@
-# Install and export rules: headers, the smear::smear target (and smear::io, smear::cuda when
+# Install and export rules: headers, the smear::smear target (and smear::io, smear::mpi, smear::cuda when
 # they exist), smearConfig.cmake and smearConfigVersion.cmake. Header-only, so the package is
 # architecture independent and goes under share/.
 include(GNUInstallDirs)
@@ -14,6 +14,10 @@ install(EXPORT smearTargets NAMESPACE smear:: DESTINATION "${SMEAR_INSTALL_CMAKE
 if(TARGET smear_io)
   install(TARGETS smear_io EXPORT smearIoTargets)
   install(EXPORT smearIoTargets NAMESPACE smear:: DESTINATION "${SMEAR_INSTALL_CMAKEDIR}")
+endif()
+if(TARGET smear_mpi)
+  install(TARGETS smear_mpi EXPORT smearMpiTargets)
+  install(EXPORT smearMpiTargets NAMESPACE smear:: DESTINATION "${SMEAR_INSTALL_CMAKEDIR}")
 endif()
 # A CUDA backend target, when the build defines one, becomes the optional `cuda` component.
 if(TARGET smear_cuda)

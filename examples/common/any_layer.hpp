@@ -40,6 +40,8 @@ class any_layer {
   smear::parameter_list<T> parameters() { return self_->parameters(); }
   void zero_grad() { self_->zero_grad(); }
   void train(bool on) { self_->train(on); }
+  /// See smear::layer::set_replicas (data-parallel training).
+  void set_replicas(smear::replica_group<T>* group) { self_->set_replicas(group); }
   std::size_t experts() const { return self_->experts(); }
   /// The distribution over experts of the last forward, [B, experts()].
   smear::matrix_ref<const T> routing() const { return self_->routing(); }
@@ -52,6 +54,7 @@ class any_layer {
     virtual smear::parameter_list<T> parameters() = 0;
     virtual void zero_grad() = 0;
     virtual void train(bool on) = 0;
+    virtual void set_replicas(smear::replica_group<T>* group) = 0;
     virtual std::size_t experts() const = 0;
     virtual smear::matrix_ref<const T> routing() const = 0;
   };
@@ -67,6 +70,7 @@ class any_layer {
     smear::parameter_list<T> parameters() override { return layer.parameters(); }
     void zero_grad() override { layer.zero_grad(); }
     void train(bool on) override { layer.train(on); }
+    void set_replicas(smear::replica_group<T>* group) override { layer.set_replicas(group); }
     std::size_t experts() const override { return N; }
     smear::matrix_ref<const T> routing() const override { return layer.routing(); }
 

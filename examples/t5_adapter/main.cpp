@@ -10,16 +10,19 @@
 //   smear-t5 train    [options]   one method (--method NAME)
 //   smear-t5 pretrain [options]   only (re)build the backbone
 //   smear-t5 tiny-data DIR        a small generated data set (tests; no download)
+//   mpirun -np R smear-t5 train   data-parallel training over R processes (built with MPI)
 //
 // Run `smear-t5 help` for every option.
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/args.hpp"
@@ -59,6 +62,12 @@ options:
                        32128 with --d-model 512 --layers 6 --heads 8 --d-kv 64 --d-ff 2048 --relu for
                        Hugging Face's t5-small model.safetensors and data tokenised with its spiece.model
   --quick              a few minutes on 2 cores: 150 steps, 250 pre-training steps, 500 validation examples
+
+data parallelism (a build with MPI): `mpirun -np R smear-t5 train ...` trains on R processes, each on
+its share of every batch (--batch is the whole batch, at least R), with gradients averaged after each
+routing block's backward: the same training as one process, up to the order of float sums. Process 0
+reports and writes; the backbone must exist (run `smear-t5 pretrain` first). Each process's thread
+pool gets the machine's CPUs / R threads unless SMEAR_NUM_THREADS says otherwise.
 )";
 
 struct cli {
@@ -218,6 +227,28 @@ int compare(const cli& c, t5ex::t5_encoder& enc, const t5ex::dataset& d) {
   return 0;
 }
 
+#ifdef SMEAR_T5_MPI
+/// MPI for the process's lifetime; aborts every process when one fails (a failed process
+/// would leave the others waiting in a collective).
+struct mpi_session {
+  mpi_session(int& argc, char**& argv) {
+    MPI_Init(&argc, &argv);
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  }
+  ~mpi_session() { MPI_Finalize(); }
+  static int size() { return smear::mpi::size(MPI_COMM_WORLD); }
+  static void fail() {
+    if (size() > 1) MPI_Abort(MPI_COMM_WORLD, 1);
+  }
+};
+#else
+struct mpi_session {
+  mpi_session(int&, char**&) {}
+  static int size() { return 1; }
+  static void fail() {}
+};
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -225,8 +256,22 @@ int main(int argc, char** argv) {
     std::printf("%s", usage);
     return 0;
   }
+  mpi_session mpi{argc, argv};
   try {
     cli c = parse(argc, argv);
+    const auto ranks = static_cast<std::size_t>(mpi_session::size());
+    if (ranks > 1) {
+      if (c.command != "train")
+        throw smear::value_error("smear-t5: under mpirun only `train` runs data-parallel; run " + c.command +
+                                 " as one process");
+      if (c.train.batch < ranks)
+        throw smear::value_error(smear::detail::message("smear-t5: --batch ", c.train.batch, " is smaller than the ",
+                                                        ranks, " processes"));
+      if (!std::filesystem::exists(c.backbone))
+        throw smear::value_error("smear-t5: no backbone at " + c.backbone + "; run `smear-t5 pretrain` first");
+      const std::string threads = std::to_string(std::max<std::size_t>(1, std::size_t{std::thread::hardware_concurrency()} / ranks));
+      setenv("SMEAR_NUM_THREADS", threads.c_str(), 0);  // before the pool's first use
+    }
     if (c.command == "tiny-data") {
       std::filesystem::create_directories(c.out);
       t5ex::write_tiny_dataset(c.out, 3, 96, 5);
@@ -250,7 +295,16 @@ int main(int argc, char** argv) {
       t5ex::train_options o = c.train;
       o.method = c.method;
       std::filesystem::create_directories(c.out);
+#ifdef SMEAR_T5_MPI
+      t5ex::data_parallel dp{MPI_COMM_WORLD};
+      if (ranks > 1) {
+        o.replicas = &dp;
+        if (dp.rank() == 0) std::fprintf(stderr, "data-parallel over %zu processes: %zu examples of each batch of %zu apiece, "
+                     "SMEAR_NUM_THREADS=%s\n", ranks, c.train.batch / ranks, c.train.batch, std::getenv("SMEAR_NUM_THREADS"));
+      }
+#endif
       const auto r = t5ex::train_classifier(enc, d, o, c.out + "/" + o.method + ".safetensors");
+      if (o.replicas != nullptr && o.replicas->rank() != 0) return 0;
       for (std::size_t t = 0; t < d.tasks.size(); ++t)
         std::printf("%-20s %.4f\n", d.tasks[t].name.c_str(), r.test.accuracy[t]);
       std::printf("%-20s %.4f  (best validation %.4f at step %zu, %.1f s training, %.0f test examples/s)\n", "average",
@@ -260,6 +314,7 @@ int main(int argc, char** argv) {
     return compare(c, enc, d);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s\n", e.what());
+    mpi_session::fail();
     return 1;
   }
 }

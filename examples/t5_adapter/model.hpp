@@ -18,6 +18,10 @@
 #include <utility>
 #include <vector>
 
+#ifdef SMEAR_T5_MPI
+#include <smear/mpi.hpp>
+#endif
+
 #include "common/any_layer.hpp"
 #include "common/heatmap.hpp"
 #include "common/methods.hpp"
@@ -26,10 +30,29 @@
 
 namespace t5ex {
 
+#ifdef SMEAR_T5_MPI
+using data_parallel = smear::mpi::data_parallel<float>;
+#else
+/// Built without MPI there is one process, and training never meets a data_parallel object:
+/// this stands in for smear::mpi::data_parallel's members that training calls.
+struct data_parallel : smear::replica_group<float> {
+  int rank() const { return 0; }
+  int size() const { return 1; }
+  void begin_batch(std::size_t) {}
+  std::size_t first() const noexcept override { return 0; }
+  std::size_t total() const noexcept override { return 0; }
+  void sum(std::span<float>) override {}
+  void ready(const smear::parameter_list<float>&) {}
+  void finish() {}
+  void broadcast(const smear::parameter_list<float>&) {}
+};
+#endif
+
 /// What the routing blocks of one forward need besides their input.
 struct route_context {
   std::span<const std::int32_t> tags{}, token_ids{};
   std::span<const float> example_losses{};
+  data_parallel* replicas = nullptr;  ///< data-parallel training: each block's gradients are ready after its backward
 };
 
 /// A routing block (any smear::layer) in a sublayer hook, fed the batch's tags, token ids and
@@ -46,6 +69,7 @@ class routing_hook final : public sublayer_hook {
   }
   void backward(std::span<const float> dy, std::span<float> dx) override {
     layer_.backward(dy, dx, ctx_->example_losses);
+    if (ctx_->replicas != nullptr) ctx_->replicas->ready(layer_.parameters());  // reduced while backward goes on
   }
   examples::any_layer<float>& layer() { return layer_; }
 
@@ -69,6 +93,9 @@ struct train_options {
   double expert_dropout = 0.1;     ///< SMEAR only, as in the official code
   std::uint64_t seed = 1;
   bool quiet = false;
+  /// Data parallelism (mpirun): each process trains on its share of every batch, with
+  /// gradients averaged over the processes; nullptr: one process.
+  data_parallel* replicas = nullptr;
 };
 
 struct eval_result {
@@ -106,6 +133,7 @@ class classifier {
     for (std::size_t i = 0; i < blocks; ++i) {
       const std::uint64_t seed = o.seed * 1000 + i;
       auto layer = examples::make_layer<1, experts_per_block>(n, smear::adapter<float>{d, width}, lo, seed);
+      layer.set_replicas(o.replicas);
       blocks_.push_back(std::make_unique<routing_hook>(std::move(layer), &ctx_, tags, tokens));
       enc_.set_hook(i, blocks_.back().get());
     }
@@ -135,9 +163,10 @@ class classifier {
         p.name = "block" + std::to_string(i) + "." + p.name;
         out.push_back(p);
       }
-    out.push_back({"heads", head_, head_grad_, true});
+    out.push_back(heads());
     return out;
   }
+  smear::parameter<float> heads() { return {"heads", head_, head_grad_, true}; }
   std::size_t trainable_count() {
     std::size_t n = 0;
     for (const auto& p : parameters()) n += p.value.size();
@@ -210,7 +239,10 @@ class classifier {
           for (std::size_t j = 0; j < d; ++j) dout_[(b * L + t) * d + j] = dp[j] / static_cast<float>(n);
       }
       ctx_.example_losses = losses_;
-      enc_.backward(dout_, false);
+      ctx_.replicas = opt_.replicas;
+      if (ctx_.replicas != nullptr) ctx_.replicas->ready({heads()});  // the heads' gradients are final
+      enc_.backward(dout_, false);  // each block's are after its backward (routing_hook)
+      ctx_.replicas = nullptr;
     }
     return total / static_cast<double>(B);
   }
@@ -279,11 +311,17 @@ struct train_result {
 
 /// Trains the adapters, routers and heads with AdamW on mixed-task batches, evaluates on the
 /// validation split every `eval_every` steps, keeps the best parameters, and reports the test
-/// accuracy of those.
+/// accuracy of those. With o.replicas, each of the R processes runs examples
+/// [B·r/R, B·(r+1)/R) of every batch and the gradients are averaged: the same training as one
+/// process on the whole batches (up to the order of float sums); process 0 reports and writes.
 inline train_result train_classifier(t5_encoder& enc, const dataset& data, const train_options& o,
                                      const std::string& checkpoint = {}) {
   classifier model{enc, data.tasks, o};
   auto params = model.parameters();
+  const std::size_t rank = o.replicas ? static_cast<std::size_t>(o.replicas->rank()) : 0,
+                    ranks = o.replicas ? static_cast<std::size_t>(o.replicas->size()) : 1;
+  const bool quiet = o.quiet || rank != 0;
+  if (o.replicas != nullptr) o.replicas->broadcast(params);  // every process starts from process 0's
   smear::adamw<float> opt{params, {.lr = o.lr, .weight_decay = o.weight_decay}};
   train_result res;
   res.trainable = model.trainable_count();
@@ -305,15 +343,23 @@ inline train_result train_classifier(t5_encoder& enc, const dataset& data, const
       for (std::size_t i = order.size(); i-- > 1;) std::swap(order[i], order[gen.below(i + 1)]);
       cursor = 0;
     }
-    const batch bt = make_batch(data.train, order, cursor, std::min(o.batch, order.size()));
+    const std::size_t B = std::min(o.batch, order.size()), lo = B * rank / ranks, hi = B * (rank + 1) / ranks;
+    const batch bt = make_batch(data.train, order, cursor + lo, hi - lo);  // this process's share
     cursor += o.batch;
     opt.zero_grad();
-    const double loss = model.step(bt, true, pred);
+    if (o.replicas != nullptr) o.replicas->begin_batch(hi - lo);
+    double loss = model.step(bt, true, pred);
+    if (o.replicas != nullptr) {
+      o.replicas->finish();  // the gradients of the whole batch's mean loss, on every process
+      float share = static_cast<float>(loss * static_cast<double>(hi - lo) / static_cast<double>(B));
+      o.replicas->sum(std::span<float>(&share, 1));
+      loss = share;
+    }
     opt.set_lr(o.lr * std::min(1.0, static_cast<double>(step) / 20.0));  // short warm-up
     opt.step();
     loss_avg = step == 1 ? loss : 0.95 * loss_avg + 0.05 * loss;
     const std::size_t report = std::max<std::size_t>(1, o.eval_every / 4);
-    if (!o.quiet && step % report == 0 && step % o.eval_every != 0 && step != o.steps) {
+    if (!quiet && step % report == 0 && step % o.eval_every != 0 && step != o.steps) {
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() - eval_seconds;
       std::fprintf(stderr, "[%s] step %zu/%zu  loss %.4f  %.0f ex/s  ETA %s\n", o.method.c_str(), step, o.steps,
                    loss_avg, static_cast<double>(step * o.batch) / elapsed,
@@ -330,7 +376,7 @@ inline train_result train_classifier(t5_encoder& enc, const dataset& data, const
         snapshot();
       }
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() - eval_seconds;
-      if (!o.quiet)
+      if (!quiet)
         std::fprintf(stderr, "[%s] step %zu/%zu  loss %.4f  %.0f ex/s  validation %.4f%s  ETA %s\n", o.method.c_str(),
                      step, o.steps, loss_avg, static_cast<double>(step * o.batch) / elapsed, v.average,
                      better ? " (best)" : "",
@@ -339,7 +385,7 @@ inline train_result train_classifier(t5_encoder& enc, const dataset& data, const
   }
   res.train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() - eval_seconds;
   for (std::size_t i = 0; i < params.size(); ++i) std::copy(best[i].begin(), best[i].end(), params[i].value.begin());
-  if (!checkpoint.empty()) {
+  if (!checkpoint.empty() && rank == 0) {
     smear::safetensors_writer out;
     for (std::size_t i = 0; i < params.size(); ++i)
       out.add(params[i].name, std::span<const float>(best[i]), {best[i].size()});

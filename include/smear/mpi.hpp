@@ -28,8 +28,8 @@
 /// single process running the whole global batch would make (smear/replicas.hpp): k steps on
 /// R processes give the parameters of k steps on one, up to the order of floating-point sums.
 ///
-/// Parameters in device memory (the cuda layer's) are not reduced here: bring their gradients
-/// to the host first (the cuda layer's download()) and reduce the host mirrors' lists.
+/// Parameters in device memory (the cuda layer's) are refused: smear::mpi reduces host memory
+/// only, through neither CUDA-aware MPI nor a staging copy yet.
 
 #include <mpi.h>
 
@@ -138,7 +138,7 @@ class data_parallel final : public replica_group<T> {
   /// Every process's parameter values ← those of `root`. Collective.
   void broadcast(const parameter_list<T>& params, int root = 0) {
     for (const auto& p : params) {
-      detail::require_host(p, "smear::mpi::data_parallel::broadcast");
+      require_host(p);
       if (p.value.size() > static_cast<std::size_t>(std::numeric_limits<int>::max()))
         throw value_error(detail::message("smear::mpi::data_parallel::broadcast: parameter '", p.name, "' has ",
                                           p.value.size(), " values, more than one MPI call takes"));
@@ -154,7 +154,7 @@ class data_parallel final : public replica_group<T> {
     if (total_ == 0) throw state_error("smear::mpi::data_parallel::ready: call begin_batch() first");
     const T weight = static_cast<T>(local_) / static_cast<T>(total_);
     for (const auto& p : params) {
-      detail::require_host(p, "smear::mpi::data_parallel");
+      require_host(p);
       std::span<T> g = p.grad;
       while (!g.empty()) {
         bucket& b = open_bucket();
@@ -201,6 +201,13 @@ class data_parallel final : public replica_group<T> {
     bool started = false;
     MPI_Request request = MPI_REQUEST_NULL;
   };
+
+  static void require_host(const parameter<T>& p) {
+    if (p.on_device)
+      throw value_error(detail::message("smear::mpi::data_parallel: parameter '", p.name, "' is in device memory; ",
+                                        "smear::mpi reduces host memory only (neither CUDA-aware MPI nor a host ",
+                                        "staging copy of the cuda layer's tensors is implemented)"));
+  }
 
   /// The bucket gradients go into now: the last open one unless it is started.
   bucket& open_bucket() {
