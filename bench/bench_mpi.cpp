@@ -1,14 +1,14 @@
 // Per-step compute and communication of smear's two MPI schemes (smear/mpi.hpp), run under
 // `mpirun -np R smear_bench_mpi`: the numbers bench/SCALING.md extends to more processes.
 //
-//   data     each process: forward + backward of its B/R examples on the whole experts, then
-//            the gradients' all-reduce (smear::mpi::data_parallel; buckets started after
-//            backward here: one layer, so nothing overlaps);
+//   data     each process: forward + backward of its B/R examples through 4 blocks on the
+//            whole experts, each block's gradients handed to smear::mpi::data_parallel after
+//            its backward, with and without `overlap`;
 //   tensor   each process: forward + backward of all B examples on its 1/R slice of every
 //            expert, with the all-reduces of y and dx and the router's gradients inside
 //            (smear::mpi::tensor_parallel);
-//   allreduce  MPI_Allreduce alone of 8 B .. 64 MB: the α (latency) and β (time per byte) of
-//            the ring model that SCALING.md fits.
+//   allreduce  MPI_Allreduce alone of 8 B .. 32 MB: what bench/scaling_model.py fits the
+//            α–β model of bench/SCALING.md to.
 //
 // Prints one line per measurement, median of the repetitions, as a Markdown table on rank 0.
 //   smear_bench_mpi [--d 768] [--m 64] [--length 128] [--batch 32] [--reps 7]
@@ -22,6 +22,7 @@
 #include <smear/mpi.hpp>
 #include <smear/mpi/tensor_parallel.hpp>
 #include <smear/smear.hpp>
+#include <smear/testing.hpp>
 #include <string>
 #include <vector>
 
@@ -32,7 +33,8 @@ using clock_type = std::chrono::steady_clock;
 
 double seconds_since(clock_type::time_point t) { return std::chrono::duration<double>(clock_type::now() - t).count(); }
 
-/// The slowest process's time for each repetition, then their median.
+/// The slowest process's time for each repetition, then their median ("communication" below
+/// is the step's time beyond its compute alone: what reducing adds).
 double median_of_max(std::vector<double> t) {
   MPI_Allreduce(MPI_IN_PLACE, t.data(), static_cast<int>(t.size()), MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
   std::sort(t.begin(), t.end());
@@ -66,33 +68,47 @@ void row(const char* scheme, int R, double compute, double comm, double bytes) {
                 bytes / 1e6);
 }
 
-void data_parallel(const sizes& s) {
-  smear::mpi::data_parallel<float> dp{MPI_COMM_WORLD};
+/// `layers` blocks side by side (each on the same input), the gradients of each handed to the
+/// buckets after its backward; with `overlap` each bucket's MPI_Iallreduce starts as it fills
+/// (during the other blocks' backward), else one MPI_Allreduce per bucket in finish().
+void data_parallel(const sizes& s, bool overlap) {
+  constexpr std::size_t layers = 4;
+  smear::mpi::data_parallel<float> dp{MPI_COMM_WORLD, {.overlap = overlap}};
   const int R = dp.size();
-  smear::layer<smear::adapter<float>, N> block{smear::adapter<float>{s.d, s.m}, {}, 1};
-  block.set_replicas(&dp);
+  std::vector<smear::layer<smear::adapter<float>, N>> blocks;
+  for (std::size_t i = 0; i < layers; ++i) {
+    blocks.emplace_back(smear::adapter<float>{s.d, s.m}, smear::layer_options{}, i + 1);
+    blocks.back().set_replicas(&dp);
+  }
   const std::size_t lo = s.B * static_cast<std::size_t>(dp.rank()) / static_cast<std::size_t>(R),
                     hi = s.B * static_cast<std::size_t>(dp.rank() + 1) / static_cast<std::size_t>(R), b = hi - lo;
   smear::rng gen{2};
   const auto x = smear::testing::random_vector<float>(b * s.L * s.d, gen);
   std::vector<float> y(x.size()), dx(x.size()), dy = smear::testing::random_vector<float>(x.size(), gen);
-  std::vector<double> compute, comm;
+  std::vector<double> compute, step;
   std::size_t bytes = 0;
-  for (auto& p : block.parameters()) bytes += p.grad.size() * sizeof(float);
+  for (auto& l : blocks)
+    for (auto& p : l.parameters()) bytes += p.grad.size() * sizeof(float);
   for (std::size_t k = 0; k <= s.reps; ++k) {
-    MPI_Barrier(MPI_COMM_WORLD);
-    auto t = clock_type::now();
-    dp.begin_batch(b);
-    block.zero_grad();
-    block.forward(smear::make_tokens<const float>(x.data(), b, s.L, s.d), y);
-    block.backward(dy, dx);
-    const double c = seconds_since(t);
-    t = clock_type::now();
-    dp.ready(block.parameters());
-    dp.finish();
-    if (k > 0) compute.push_back(c), comm.push_back(seconds_since(t));  // the first warms up
+    for (const bool reduce : {false, true}) {  // the compute alone, then the whole step
+      MPI_Barrier(MPI_COMM_WORLD);
+      const auto t = clock_type::now();
+      dp.begin_batch(b);
+      for (auto& l : blocks) {
+        l.zero_grad();
+        l.forward(smear::make_tokens<const float>(x.data(), b, s.L, s.d), y);
+      }
+      for (std::size_t i = layers; i-- > 0;) {
+        blocks[i].backward(dy, dx);
+        if (reduce) dp.ready(blocks[i].parameters());
+      }
+      if (reduce) dp.finish();
+      if (k > 0) (reduce ? step : compute).push_back(seconds_since(t));  // the first warms up
+    }
   }
-  row("data", R, median_of_max(compute), median_of_max(comm), static_cast<double>(bytes));
+  const double c = median_of_max(compute), w = median_of_max(step);
+  row(overlap ? "data, 4 blocks, MPI_Iallreduce as buckets fill" : "data, 4 blocks, MPI_Allreduce in finish()", R, c,
+      std::max(0.0, w - c), static_cast<double>(bytes));
 }
 
 void tensor_parallel(const sizes& s) {
@@ -123,7 +139,7 @@ void tensor_parallel(const sizes& s) {
 
 void allreduce_sweep() {
   const int R = smear::mpi::size(MPI_COMM_WORLD);
-  for (std::size_t n = 2; n <= (std::size_t{16} << 20); n *= 8) {
+  for (std::size_t n = 2; n <= (std::size_t{8} << 20); n *= 2) {  // 8 B .. 32 MB
     std::vector<float> v(n, 1.0f);
     std::vector<double> t;
     for (int k = 0; k <= 9; ++k) {
@@ -151,7 +167,8 @@ int main(int argc, char** argv) {
       std::printf("| scheme | R | step (ms) | compute (ms) | communication (ms) | MB reduced per process |\n");
       std::printf("|---|---|---|---|---|---|\n");
     }
-    data_parallel(s);
+    data_parallel(s, true);
+    data_parallel(s, false);
     tensor_parallel(s);
     allreduce_sweep();
   } catch (const std::exception& e) {

@@ -5,13 +5,13 @@
 ///
 ///   data_parallel      every process holds a copy of the model and a shard of each batch; the
 ///                      copies stay equal because their gradients are averaged after backward,
-///                      in buckets that start reducing while the rest of backward runs;
+///                      in buckets (which may start reducing while the rest of backward runs);
 ///   tensor_parallel    (smear/mpi/tensor_parallel.hpp) each process holds one slice of every
 ///                      expert's parameters: experts too large for one process.
 ///
 /// Data parallelism, for a model of several layers:
 /// ```
-/// smear::mpi::data_parallel<float> dp{MPI_COMM_WORLD};
+/// smear::mpi::data_parallel<float> dp{MPI_COMM_WORLD};   // options: bucket size, overlap
 /// for (auto* l : layers) l->set_replicas(&dp);        // sampled routing and batch statistics
 /// dp.broadcast(all_parameters);                         // every copy starts from rank 0's
 /// for (each step) {
@@ -89,16 +89,27 @@ void all_sum(MPI_Comm comm, std::span<T> values) {
         "MPI_Allreduce");
 }
 
+/// How data_parallel reduces gradients.
+struct data_parallel_options {
+  /// Gradients travel in buckets of about this many bytes, one all-reduce each.
+  std::size_t bucket_bytes = std::size_t{1} << 22;
+  /// Start each bucket's reduction (MPI_Iallreduce) as soon as it fills, during the rest of
+  /// backward, instead of one MPI_Allreduce per bucket in finish(). It pays where the MPI
+  /// library moves non-blocking collectives on by itself (a progress thread, network offload);
+  /// Open MPI 4.1 over shared memory does not, and its MPI_Iallreduce of 4 MB took 2.3× its
+  /// MPI_Allreduce (bench/SCALING.md), so it is off by default.
+  bool overlap = false;
+};
+
 /// Data-parallel training over an MPI communicator (see the file comment). One object per
 /// model; every process calls its collective members (begin_batch, ready, finish, broadcast,
 /// sum) in the same order with the same parameter lists.
 template <floating_point_value T>
 class data_parallel final : public replica_group<T> {
  public:
-  /// Gradients are reduced in buckets of about `bucket_bytes` (each bucket one MPI_Iallreduce).
-  explicit data_parallel(MPI_Comm comm = MPI_COMM_WORLD, std::size_t bucket_bytes = std::size_t{1} << 22)
-      : comm_(comm), rank_(mpi::rank(comm)), size_(mpi::size(comm)),
-        bucket_values_(std::clamp<std::size_t>(bucket_bytes / sizeof(T), 1, std::numeric_limits<int>::max())) {}
+  explicit data_parallel(MPI_Comm comm = MPI_COMM_WORLD, data_parallel_options options = {})
+      : comm_(comm), rank_(mpi::rank(comm)), size_(mpi::size(comm)), opt_(options),
+        bucket_values_(std::clamp<std::size_t>(options.bucket_bytes / sizeof(T), 1, std::numeric_limits<int>::max())) {}
   data_parallel(const data_parallel&) = delete;
   data_parallel& operator=(const data_parallel&) = delete;
   /// Waits for reductions still in flight (their results are dropped).
@@ -148,7 +159,8 @@ class data_parallel final : public replica_group<T> {
 
   /// The gradients of `params` are final for this step (their layer's backward is done):
   /// copies them, weighted by this process's share of the batch, into the open bucket, and
-  /// starts reducing each bucket that fills, while the caller goes on with backward.
+  /// with options().overlap starts reducing each bucket that fills, while the caller goes on
+  /// with backward.
   /// Collective in the sense that every process must hand the same lists in the same order.
   void ready(const parameter_list<T>& params) {
     if (total_ == 0) throw state_error("smear::mpi::data_parallel::ready: call begin_batch() first");
@@ -164,19 +176,22 @@ class data_parallel final : public replica_group<T> {
         b.targets.push_back({b.used, g.first(n)});
         b.used += n;
         g = g.subspan(n);
-        if (b.used == bucket_values_) start(b);
+        if (b.used == bucket_values_ && opt_.overlap) start(b);
       }
     }
     progress();
   }
 
-  /// Starts the last bucket, waits for every reduction and writes the sums back: each
+  /// Reduces the buckets not yet started, waits for the others and writes the sums back: each
   /// gradient handed to ready() is then Σ_r (B_r / B)·g_r, the same on every process.
   void finish() {
-    if (open_ > 0 && !buckets_[open_ - 1].started) start(buckets_[open_ - 1]);
     for (std::size_t i = 0; i < open_; ++i) {
       bucket& b = buckets_[i];
-      check(MPI_Wait(&b.request, MPI_STATUS_IGNORE), "MPI_Wait for a gradient bucket");
+      if (b.started)
+        check(MPI_Wait(&b.request, MPI_STATUS_IGNORE), "MPI_Wait for a gradient bucket");
+      else
+        check(MPI_Allreduce(MPI_IN_PLACE, b.values.data(), static_cast<int>(b.used), datatype<T>(), MPI_SUM, comm_),
+              "MPI_Allreduce of a gradient bucket");
       for (const auto& t : b.targets)
         std::copy_n(b.values.begin() + static_cast<std::ptrdiff_t>(t.offset), t.grad.size(), t.grad.begin());
       b.targets.clear();
@@ -186,6 +201,7 @@ class data_parallel final : public replica_group<T> {
     open_ = 0;
   }
 
+  const data_parallel_options& options() const noexcept { return opt_; }
   /// Buckets this object has allocated (reused step after step).
   std::size_t buckets() const noexcept { return buckets_.size(); }
 
@@ -209,9 +225,9 @@ class data_parallel final : public replica_group<T> {
                                         "staging copy of the cuda layer's tensors is implemented)"));
   }
 
-  /// The bucket gradients go into now: the last open one unless it is started.
+  /// The bucket gradients go into now: the last open one unless it is full.
   bucket& open_bucket() {
-    if (open_ == 0 || buckets_[open_ - 1].started) {
+    if (open_ == 0 || buckets_[open_ - 1].used == bucket_values_) {
       if (open_ == buckets_.size()) buckets_.emplace_back().values.resize(bucket_values_);
       ++open_;
     }
@@ -235,6 +251,7 @@ class data_parallel final : public replica_group<T> {
 
   MPI_Comm comm_;
   int rank_, size_;
+  data_parallel_options opt_;
   std::size_t bucket_values_;
   std::vector<unsigned long long> counts_;
   std::size_t first_ = 0, total_ = 0, local_ = 0;
