@@ -28,8 +28,9 @@
 /// single process running the whole global batch would make (smear/replicas.hpp): k steps on
 /// R processes give the parameters of k steps on one, up to the order of floating-point sums.
 ///
-/// Parameters in device memory (the cuda layer's) are refused: smear::mpi reduces host memory
-/// only, through neither CUDA-aware MPI nor a staging copy yet.
+/// Parameters in device memory (the cuda layer's) are staged through host memory by the
+/// context they live in: `dp.ready(block.parameters(), block.context())` (CUDA-aware MPI is
+/// not used).
 
 #include <mpi.h>
 
@@ -147,14 +148,12 @@ class data_parallel final : public replica_group<T> {
   void sum(std::span<T> values) override { all_sum(comm_, values); }
 
   /// Every process's parameter values ← those of `root`. Collective.
-  void broadcast(const parameter_list<T>& params, int root = 0) {
-    for (const auto& p : params) {
-      require_host(p);
-      if (p.value.size() > static_cast<std::size_t>(std::numeric_limits<int>::max()))
-        throw value_error(detail::message("smear::mpi::data_parallel::broadcast: parameter '", p.name, "' has ",
-                                          p.value.size(), " values, more than one MPI call takes"));
-      check(MPI_Bcast(p.value.data(), static_cast<int>(p.value.size()), datatype<T>(), root, comm_), "MPI_Bcast");
-    }
+  void broadcast(const parameter_list<T>& params, int root = 0) { broadcast_through(params, memory{}, root); }
+  /// The same for a layer whose tensors live in a device context's memory (the cuda layer:
+  /// `broadcast(block.parameters(), block.context())`): staged through host memory.
+  template <class Context>
+  void broadcast(const parameter_list<T>& params, const Context& context, int root = 0) {
+    broadcast_through(params, memory::of(context), root);
   }
 
   /// The gradients of `params` are final for this step (their layer's backward is done):
@@ -162,24 +161,14 @@ class data_parallel final : public replica_group<T> {
   /// with options().overlap starts reducing each bucket that fills, while the caller goes on
   /// with backward.
   /// Collective in the sense that every process must hand the same lists in the same order.
-  void ready(const parameter_list<T>& params) {
-    if (total_ == 0) throw state_error("smear::mpi::data_parallel::ready: call begin_batch() first");
-    const T weight = static_cast<T>(local_) / static_cast<T>(total_);
-    for (const auto& p : params) {
-      require_host(p);
-      std::span<T> g = p.grad;
-      while (!g.empty()) {
-        bucket& b = open_bucket();
-        const std::size_t n = std::min(g.size(), bucket_values_ - b.used);
-        std::transform(g.begin(), g.begin() + static_cast<std::ptrdiff_t>(n), b.values.begin() +
-                       static_cast<std::ptrdiff_t>(b.used), [weight](T v) { return weight * v; });
-        b.targets.push_back({b.used, g.first(n)});
-        b.used += n;
-        g = g.subspan(n);
-        if (b.used == bucket_values_ && opt_.overlap) start(b);
-      }
-    }
-    progress();
+  void ready(const parameter_list<T>& params) { bucket_gradients(params, memory{}); }
+  /// The same for a layer whose tensors live in a device context's memory (the cuda layer:
+  /// `ready(block.parameters(), block.context())`): its on_device gradients are staged through
+  /// host memory (the context's to_host into the bucket; finish() writes the sums back with
+  /// to_device and waits for the context's stream). CUDA-aware MPI is not used.
+  template <class Context>
+  void ready(const parameter_list<T>& params, const Context& context) {
+    bucket_gradients(params, memory::of(context));
   }
 
   /// Reduces the buckets not yet started, waits for the others and writes the sums back: each
@@ -192,13 +181,14 @@ class data_parallel final : public replica_group<T> {
       else
         check(MPI_Allreduce(MPI_IN_PLACE, b.values.data(), static_cast<int>(b.used), datatype<T>(), MPI_SUM, comm_),
               "MPI_Allreduce of a gradient bucket");
-      for (const auto& t : b.targets)
-        std::copy_n(b.values.begin() + static_cast<std::ptrdiff_t>(t.offset), t.grad.size(), t.grad.begin());
+      for (const auto& t : b.targets) t.where.write(t.grad.data(), b.values.data() + t.offset, t.grad.size());
       b.targets.clear();
       b.used = 0;
       b.started = false;
     }
     open_ = 0;
+    for (const auto& m : to_synchronize_) m.synchronize();
+    to_synchronize_.clear();
   }
 
   const data_parallel_options& options() const noexcept { return opt_; }
@@ -206,10 +196,93 @@ class data_parallel final : public replica_group<T> {
   std::size_t buckets() const noexcept { return buckets_.size(); }
 
  private:
+  /// How a tensor's memory is reached: directly (the host), or through a device context's
+  /// copies.
+  struct memory {
+    const void* context = nullptr;
+    void (*to_host)(const void*, T*, const T*, std::size_t) = nullptr;
+    void (*to_device)(const void*, T*, const T*, std::size_t) = nullptr;
+    void (*sync)(const void*) = nullptr;
+
+    template <class Context>
+    static memory of(const Context& c) {
+      return {&c,
+              [](const void* x, T* dst, const T* src, std::size_t n) {
+                static_cast<const Context*>(x)->to_host(dst, src, n, "smear::mpi: staging a device tensor");
+              },
+              [](const void* x, T* dst, const T* src, std::size_t n) {
+                static_cast<const Context*>(x)->to_device(dst, src, n, "smear::mpi: writing back a device tensor");
+              },
+              [](const void* x) { static_cast<const Context*>(x)->synchronize("smear::mpi: writing back"); }};
+    }
+    /// dst (host) ← n values of src (the tensor's memory).
+    void read(T* dst, const T* src, std::size_t n) const {
+      if (context != nullptr) to_host(context, dst, src, n);
+      else std::copy_n(src, n, dst);
+    }
+    /// dst (the tensor's memory) ← n values of src (host).
+    void write(T* dst, const T* src, std::size_t n) const {
+      if (context != nullptr) to_device(context, dst, src, n);
+      else std::copy_n(src, n, dst);
+    }
+    void synchronize() const {
+      if (context != nullptr) sync(context);
+    }
+  };
   struct target {
     std::size_t offset;
     std::span<T> grad;
+    memory where;
   };
+
+  /// Throws value_error for a device tensor without a context to reach it through.
+  static void require_reachable(const parameter<T>& p, const memory& m) {
+    if (p.on_device && m.context == nullptr)
+      throw value_error(detail::message("smear::mpi::data_parallel: parameter '", p.name, "' is in device memory; ",
+                                        "pass the layer's context too: ready(block.parameters(), block.context())"));
+  }
+
+  void broadcast_through(const parameter_list<T>& params, const memory& m, int root) {
+    for (const auto& p : params) {
+      require_reachable(p, m);
+      if (p.value.size() > static_cast<std::size_t>(std::numeric_limits<int>::max()))
+        throw value_error(detail::message("smear::mpi::data_parallel::broadcast: parameter '", p.name, "' has ",
+                                          p.value.size(), " values, more than one MPI call takes"));
+      const memory& where = p.on_device ? m : host_;
+      staging_.resize(p.value.size());
+      T* data = p.on_device ? staging_.data() : p.value.data();
+      if (p.on_device) where.read(data, p.value.data(), p.value.size());
+      check(MPI_Bcast(data, static_cast<int>(p.value.size()), datatype<T>(), root, comm_), "MPI_Bcast");
+      if (p.on_device) {
+        where.write(p.value.data(), data, p.value.size());
+        where.synchronize();
+      }
+    }
+  }
+
+  void bucket_gradients(const parameter_list<T>& params, const memory& m) {
+    if (total_ == 0) throw state_error("smear::mpi::data_parallel::ready: call begin_batch() first");
+    const T weight = static_cast<T>(local_) / static_cast<T>(total_);
+    for (const auto& p : params) {
+      require_reachable(p, m);
+      const memory& where = p.on_device ? m : host_;
+      if (p.on_device && std::ranges::find(to_synchronize_, m.context, &memory::context) == to_synchronize_.end())
+        to_synchronize_.push_back(m);
+      std::span<T> g = p.grad;
+      while (!g.empty()) {
+        bucket& b = open_bucket();
+        const std::size_t n = std::min(g.size(), bucket_values_ - b.used);
+        T* into = b.values.data() + b.used;
+        where.read(into, g.data(), n);
+        for (std::size_t i = 0; i < n; ++i) into[i] *= weight;
+        b.targets.push_back({b.used, g.first(n), where});
+        b.used += n;
+        g = g.subspan(n);
+        if (b.used == bucket_values_ && opt_.overlap) start(b);
+      }
+    }
+    progress();
+  }
   struct bucket {
     std::vector<T> values;
     std::vector<target> targets;
@@ -217,13 +290,6 @@ class data_parallel final : public replica_group<T> {
     bool started = false;
     MPI_Request request = MPI_REQUEST_NULL;
   };
-
-  static void require_host(const parameter<T>& p) {
-    if (p.on_device)
-      throw value_error(detail::message("smear::mpi::data_parallel: parameter '", p.name, "' is in device memory; ",
-                                        "smear::mpi reduces host memory only (neither CUDA-aware MPI nor a host ",
-                                        "staging copy of the cuda layer's tensors is implemented)"));
-  }
 
   /// The bucket gradients go into now: the last open one unless it is full.
   bucket& open_bucket() {
@@ -257,6 +323,9 @@ class data_parallel final : public replica_group<T> {
   std::size_t first_ = 0, total_ = 0, local_ = 0;
   std::vector<bucket> buckets_;
   std::size_t open_ = 0;  ///< buckets_[0, open_) hold this step's gradients
+  memory host_{};
+  std::vector<memory> to_synchronize_;  ///< the device contexts finish() wrote back through
+  std::vector<T> staging_;              ///< broadcast's host copy of a device tensor
 };
 
 }  // namespace smear::mpi
