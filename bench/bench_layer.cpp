@@ -6,14 +6,18 @@
 // kinds: smear, top1, ensemble, soft_moe (one slot per expert), single (smear::layer<adapter<float>, 1>), cached (smear inference
 // with a fixed per-task routing: experts merged once by set_task_routing and reused), gemm (the plain Eigen
 // GEMMs a SMEAR block runs at that shape, without any element-wise work: the ceiling), and
-// gemm_square/n:.../threads:... (one square GEMM, the machine's peak for reference).
+// gemm_square/n:.../threads:... (one square GEMM, the machine's peak for reference), and, in a build
+// with libxsmm, xsmm (SMEAR on the cpu backend with its per-example GEMMs through libxsmm's JIT
+// kernels: bench/xsmm_backend.hpp; rows for N = 8, L = 128, B = 32 only).
 // modes: fwd (inference: forward only) and fwdbwd (training: forward then backward).
 // shared/fwd/.../callers:K: inference throughput of one evaluation layer shared by K threads,
 // each with its own workspace and one thread of the pool (examples/s over all callers).
 // loaded/...: the same as the plain row while a competing process (started for the run and
 // stopped after it) keeps one core busy: what a shared machine gives.
 // fma_peak/threads:T: a register-only loop of independent FMAs at the widest vector width the
-// CPU runs, on T threads of the pool: the machine's peak, measured in the same run.
+// CPU runs, on T threads of the pool: the machine's peak, measured in the same run;
+// stream_triad/threads:T: STREAM's triad over 3 × 64 MB, the memory bandwidth (GB/s: bytes
+// read and written, without the write-allocate reads).
 // decode/d:768/m:64/N:8/segment:S/B:B and decode_single/...: generating one token at a time
 // (tokens/s): SMEAR with causal segment routing through smear::layer::decoder, which merges
 // at each segment's first token, against a single adapter's forward of each token; one
@@ -29,12 +33,15 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <optional>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <csignal>
@@ -45,11 +52,14 @@
 #include <immintrin.h>
 #endif
 
+#ifdef SMEAR_BENCH_XSMM
+#include "xsmm_backend.hpp"  // before smear's other headers (see there)
+#endif
 #include "smear/smear.hpp"
 
 namespace {
 
-enum class kind { smear, top1, ensemble, soft_moe, single, cached, gemm };
+enum class kind { smear, top1, ensemble, soft_moe, single, cached, gemm, xsmm };
 enum class mode { fwd, fwdbwd };
 
 constexpr const char* name(kind k) {
@@ -61,6 +71,7 @@ constexpr const char* name(kind k) {
     case kind::single: return "single";
     case kind::cached: return "cached";
     case kind::gemm: return "gemm";
+    case kind::xsmm: return "xsmm";
   }
   return "?";
 }
@@ -91,6 +102,7 @@ struct workload {
       }
       case kind::cached: return bw ? 3 * apply : apply;  // merged once, outside the timing
       case kind::smear:
+      case kind::xsmm:
       case kind::single:
       case kind::gemm: return bw ? 6 * B * N * P + 3 * apply : 2 * B * N * P + apply;
     }
@@ -138,10 +150,10 @@ smear::layer_options options_for(kind k, std::size_t threads) {
   return o;
 }
 
-template <std::size_t N>
+template <std::size_t N, class Backend = smear::default_backend>
 void run_layer(benchmark::State& state, workload w, bool loaded) {
   using expert = smear::adapter<float>;
-  smear::layer<expert, N> block{expert{w.d, w.m}, options_for(w.k, w.threads), 42};
+  smear::layer<expert, N, Backend> block{expert{w.d, w.m}, options_for(w.k, w.threads), 42};
   const bool bw = w.md == mode::fwdbwd;
   block.train(bw);
   const std::size_t size = w.batch * w.length * w.d;
@@ -165,6 +177,23 @@ void run_layer(benchmark::State& state, workload w, bool loaded) {
     if (bw) block.backward(dy, dx);
   };
   step();  // warm-up: buffers are sized here
+  if constexpr (!std::is_same_v<Backend, smear::default_backend>) {  // an anchor must compute what cpu computes
+    smear::layer<expert, N> twin{expert{w.d, w.m}, options_for(w.k, w.threads), 42};
+    twin.train(bw);
+    std::vector<float> y2(size), dx2(size);
+    twin.forward(tokens, y2, route);
+    if (bw) twin.backward(dy, dx2);
+    double diff = 0, scale = 0;
+    for (std::size_t i = 0; i < size; ++i) {
+      diff = std::max(diff, double(std::abs(y[i] - y2[i])) + (bw ? double(std::abs(dx[i] - dx2[i])) : 0.0));
+      scale = std::max(scale, double(std::abs(y2[i])) + (bw ? double(std::abs(dx2[i])) : 0.0));
+    }
+    state.counters["diff_to_cpu"] = diff / scale;
+    if (!(diff <= 1e-4 * scale)) {
+      state.SkipWithError("the anchor's outputs differ from the cpu backend's");
+      return;
+    }
+  }
   {
     std::optional<competing_process> competitor;
     if (loaded && !competitor.emplace().started()) {
@@ -188,6 +217,13 @@ void run_layer(benchmark::State& state, workload w, bool loaded) {
   state.counters["GFLOP/s"] = benchmark::Counter(w.flops() * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["workspace_MB"] = double(block.workspace_bytes()) * 1e-6;
   state.counters["workspace_ratio"] = double(block.workspace_bytes()) / required;
+#ifdef SMEAR_BENCH_XSMM
+  if constexpr (std::is_same_v<Backend, smear::backend::xsmm>) {  // the small GEMMs libxsmm could not take
+    const auto& n = smear::backend::detail::xsmm_stats();
+    state.counters["xsmm_fallback_share"] =
+        double(n.fallback.load()) / double(std::max<std::size_t>(1, n.fallback.load() + n.jit.load()));
+  }
+#endif
 }
 
 /// K callers share one SMEAR layer in evaluation mode, each forward through its own workspace
@@ -371,10 +407,37 @@ void run_fma_peak(benchmark::State& state, std::size_t threads) {
 #endif
 }
 
+/// STREAM's triad a = b + s·c over three float arrays of 64 MB each (twice the largest L3 we
+/// run on), split over T threads of the pool: the machine's memory bandwidth, in the same run.
+void run_stream_triad(benchmark::State& state, std::size_t threads) {
+  constexpr std::size_t n = std::size_t{16} << 20;
+  std::vector<float> a(n, 0.0f), b(n, 1.0f), c(n, 2.0f);
+  const smear::backend::thread_limit limit(threads);
+  const auto triad = [&] {
+    smear::backend::parallel_for(smear::backend::cpu{}, threads, [&](std::size_t t, std::size_t) {
+      const std::size_t first = n * t / threads, last = n * (t + 1) / threads;
+      for (std::size_t i = first; i < last; ++i) a[i] = b[i] + 3.0f * c[i];
+    });
+  };
+  triad();  // pages touched outside the timing
+  for (auto _ : state) {
+    triad();
+    benchmark::DoNotOptimize(a.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["GB/s"] =
+      benchmark::Counter(3.0 * sizeof(float) * double(n) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 void add(workload w, bool loaded = false) {
   auto* b = [&]() -> benchmark::internal::Benchmark* {
     const std::string label = (loaded ? "loaded/" : "") + w.label();
     if (w.k == kind::gemm) return benchmark::RegisterBenchmark(label.c_str(), run_gemm, w);
+#ifdef SMEAR_BENCH_XSMM
+    if (w.k == kind::xsmm && w.n == 8)
+      return benchmark::RegisterBenchmark(label.c_str(), run_layer<8, smear::backend::xsmm>, w, loaded);
+#endif
+    if (w.k == kind::xsmm) return nullptr;
     switch (w.n) {
       case 1: return benchmark::RegisterBenchmark(label.c_str(), run_layer<1>, w, loaded);
       case 4: return benchmark::RegisterBenchmark(label.c_str(), run_layer<4>, w, loaded);
@@ -403,6 +466,10 @@ void register_grid() {
               for (kind k : {kind::smear, kind::gemm, kind::top1, kind::ensemble, kind::soft_moe, kind::cached})
                 if (k != kind::cached || md == mode::fwd) add({k, md, s.d, s.m, n, length, batch, threads});
           }
+  // the libxsmm anchor: SMEAR with the per-example GEMMs through libxsmm (bench/xsmm_backend.hpp)
+  for (std::size_t threads : {1, 2})
+    for (auto md : {mode::fwd, mode::fwdbwd})
+      for (dims s : {dims{768, 24}, dims{768, 64}, dims{512, 32}}) add({kind::xsmm, md, s.d, s.m, 8, 128, 32, threads});
   // the key workload on a shared machine: one competing process
   for (std::size_t threads : {1, 2})
     for (auto md : {mode::fwd, mode::fwdbwd})
@@ -437,6 +504,12 @@ void register_grid() {
         ->UseRealTime()
         ->MeasureProcessCPUTime()
         ->Unit(benchmark::kMillisecond);
+  for (std::size_t threads : {1, 2})
+    benchmark::RegisterBenchmark(("stream_triad/threads:" + std::to_string(threads)).c_str(), run_stream_triad,
+                                 threads)
+        ->UseRealTime()
+        ->MeasureProcessCPUTime()
+        ->Unit(benchmark::kMillisecond);
 }
 
 }  // namespace
@@ -449,6 +522,9 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("smear_cpu_kernels", smear::backend::cpu_kernels_report());
   benchmark::AddCustomContext("smear_threads", std::to_string(smear::backend::thread_pool::shared().size()));
   benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
+#ifdef SMEAR_BENCH_XSMM
+  benchmark::AddCustomContext("libxsmm", LIBXSMM_VERSION);
+#endif
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

@@ -69,7 +69,7 @@ class routing_hook final : public sublayer_hook {
   }
   void backward(std::span<const float> dy, std::span<float> dx) override {
     layer_.backward(dy, dx, ctx_->example_losses);
-    if (ctx_->replicas != nullptr) ctx_->replicas->ready(layer_.parameters());  // reduced while backward goes on
+    if (ctx_->replicas != nullptr) ctx_->replicas->ready(layer_.parameters());  // final: into the buckets
   }
   examples::any_layer<float>& layer() { return layer_; }
 
