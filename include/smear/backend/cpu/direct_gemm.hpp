@@ -51,6 +51,51 @@ struct simd {
   static void store(T* p, const batch& v) noexcept { v.store_unaligned(p); }
   static batch mul(const batch& a, const batch& b) noexcept { return a * b; }
   static batch fma(const batch& a, const batch& b, const batch& c) noexcept { return xsimd::fma(a, b, c); }
+  /// The first n < lanes values (the rest 0), and the store of the first n: masked where the
+  /// build's vectors are AVX-512 or AVX2 ones, through a copy otherwise.
+  static batch load_partial(const T* p, std::size_t n) noexcept {
+#if XSIMD_WITH_AVX512F
+    if constexpr (sizeof(batch) == 64) {
+      if constexpr (sizeof(T) == 4) return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+      else return _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p);
+    }
+#endif
+#if XSIMD_WITH_AVX2
+    if constexpr (sizeof(batch) == 32) {
+      if constexpr (sizeof(T) == 4) return _mm256_maskload_ps(p, avx2_mask(n));
+      else return _mm256_maskload_pd(p, avx2_mask(n));
+    }
+#endif
+    alignas(64) T part[lanes] = {};
+    std::copy_n(p, n, part);
+    return batch::load_aligned(part);
+  }
+  static void store_partial(T* p, const batch& v, std::size_t n) noexcept {
+#if XSIMD_WITH_AVX512F
+    if constexpr (sizeof(batch) == 64) {
+      if constexpr (sizeof(T) == 4) return _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
+      else return _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), v);
+    }
+#endif
+#if XSIMD_WITH_AVX2
+    if constexpr (sizeof(batch) == 32) {
+      if constexpr (sizeof(T) == 4) return _mm256_maskstore_ps(p, avx2_mask(n), v);
+      else return _mm256_maskstore_pd(p, avx2_mask(n), v);
+    }
+#endif
+    alignas(64) T part[lanes];
+    v.store_aligned(part);
+    std::copy_n(part, n, p);
+  }
+#if XSIMD_WITH_AVX2
+  /// Lanes [0, n) of a 256-bit vector of T set.
+  static __m256i avx2_mask(std::size_t n) noexcept {
+    if constexpr (sizeof(T) == 4)
+      return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    else
+      return _mm256_cmpgt_epi64(_mm256_set1_epi64x(static_cast<long long>(n)), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
+#endif
 };
 #include "smear/backend/cpu/direct_gemm.inl"
 }  // namespace baseline
@@ -70,6 +115,11 @@ struct simd<float> {
   static void store(float* p, batch v) noexcept { _mm256_storeu_ps(p, v); }
   static batch mul(batch a, batch b) noexcept { return _mm256_mul_ps(a, b); }
   static batch fma(batch a, batch b, batch c) noexcept { return _mm256_fmadd_ps(a, b, c); }
+  static __m256i mask(std::size_t n) noexcept {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static batch load_partial(const float* p, std::size_t n) noexcept { return _mm256_maskload_ps(p, mask(n)); }
+  static void store_partial(float* p, batch v, std::size_t n) noexcept { _mm256_maskstore_ps(p, mask(n), v); }
 };
 template <>
 struct simd<double> {
@@ -80,6 +130,11 @@ struct simd<double> {
   static void store(double* p, batch v) noexcept { _mm256_storeu_pd(p, v); }
   static batch mul(batch a, batch b) noexcept { return _mm256_mul_pd(a, b); }
   static batch fma(batch a, batch b, batch c) noexcept { return _mm256_fmadd_pd(a, b, c); }
+  static __m256i mask(std::size_t n) noexcept {
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(static_cast<long long>(n)), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
+  static batch load_partial(const double* p, std::size_t n) noexcept { return _mm256_maskload_pd(p, mask(n)); }
+  static void store_partial(double* p, batch v, std::size_t n) noexcept { _mm256_maskstore_pd(p, mask(n), v); }
 };
 #include "smear/backend/cpu/direct_gemm.inl"
 }  // namespace avx2
@@ -101,6 +156,9 @@ struct simd<float> {
   static void store(float* p, batch v) noexcept { _mm512_storeu_ps(p, v); }
   static batch mul(batch a, batch b) noexcept { return _mm512_mul_ps(a, b); }
   static batch fma(batch a, batch b, batch c) noexcept { return _mm512_fmadd_ps(a, b, c); }
+  static __mmask16 mask(std::size_t n) noexcept { return static_cast<__mmask16>((1u << n) - 1); }
+  static batch load_partial(const float* p, std::size_t n) noexcept { return _mm512_maskz_loadu_ps(mask(n), p); }
+  static void store_partial(float* p, batch v, std::size_t n) noexcept { _mm512_mask_storeu_ps(p, mask(n), v); }
 };
 template <>
 struct simd<double> {
@@ -111,13 +169,17 @@ struct simd<double> {
   static void store(double* p, batch v) noexcept { _mm512_storeu_pd(p, v); }
   static batch mul(batch a, batch b) noexcept { return _mm512_mul_pd(a, b); }
   static batch fma(batch a, batch b, batch c) noexcept { return _mm512_fmadd_pd(a, b, c); }
+  static __mmask8 mask(std::size_t n) noexcept { return static_cast<__mmask8>((1u << n) - 1); }
+  static batch load_partial(const double* p, std::size_t n) noexcept { return _mm512_maskz_loadu_pd(mask(n), p); }
+  static void store_partial(double* p, batch v, std::size_t n) noexcept { _mm512_mask_storeu_pd(p, mask(n), v); }
 };
 #include "smear/backend/cpu/direct_gemm.inl"
 }  // namespace avx512
 SMEAR_TARGET_END
 #endif
 
-/// The SIMD width of the selected kernels for T: gemm() takes C a whole number of it wide.
+/// The SIMD width of the selected kernels for T (gemm() takes any width of C: a last partial
+/// batch through masked loads and stores).
 template <class T>
 std::size_t lanes() noexcept {
   switch (selected_isa()) {

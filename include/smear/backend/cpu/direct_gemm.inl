@@ -1,5 +1,6 @@
 // The direct GEMM kernels, written once against `simd<T>` (a vector of T: batch, lanes, set1,
-// load, store, mul, fma) and `block_bytes`, and included by direct_gemm.hpp into one namespace
+// load, store, mul, fma, and load_partial / store_partial of the first n < lanes values) and
+// `block_bytes`, and included by direct_gemm.hpp into one namespace
 // per instruction set, each compiled for its own (see backend/cpu/isa.hpp). No include guard:
 // it is meant to be included several times, and includes nothing itself.
 
@@ -52,14 +53,39 @@ inline void micro_tile(std::size_t depth, const T* a, std::size_t lda, const T* 
     }
 }
 
-/// R rows of C (R known at compile time) over the columns [0, cols), C batches at a time.
+/// The last n < lanes columns of R rows: micro_tile's one batch, loaded and stored masked.
+template <class T, std::size_t R, bool TransA>
+inline void micro_tail(std::size_t n, std::size_t depth, const T* a, std::size_t lda, const T* b, std::size_t ldb, T* c,
+                       std::size_t ldc, T alpha, T beta) {
+  batch<T> acc[R];
+  SMEAR_UNROLL
+  for (std::size_t r = 0; r < R; ++r) acc[r] = simd<T>::set1(T(0));
+  for (std::size_t k = 0; k < depth; ++k) {
+    const batch<T> bv = simd<T>::load_partial(b + k * ldb, n);
+    SMEAR_UNROLL
+    for (std::size_t r = 0; r < R; ++r)
+      acc[r] = simd<T>::fma(simd<T>::set1(TransA ? a[k * lda + r] : a[r * lda + k]), bv, acc[r]);
+  }
+  const batch<T> va = simd<T>::set1(alpha), vb = simd<T>::set1(beta);
+  SMEAR_UNROLL
+  for (std::size_t r = 0; r < R; ++r) {
+    T* p = c + r * ldc;
+    batch<T> v = simd<T>::mul(va, acc[r]);
+    if (beta != T(0)) v = simd<T>::fma(vb, simd<T>::load_partial(p, n), v);
+    simd<T>::store_partial(p, v, n);
+  }
+}
+
+/// R rows of C (R known at compile time) over the columns [0, cols), C batches at a time, then
+/// one batch at a time, then the partial last batch.
 template <class T, std::size_t R, std::size_t C, bool TransA>
 inline void row_panel(std::size_t cols, std::size_t depth, const T* a, std::size_t lda, const T* b, std::size_t ldb,
                       T* c, std::size_t ldc, T alpha, T beta) {
   constexpr std::size_t w = lanes<T>;
   std::size_t j = 0;
   for (; j + C * w <= cols; j += C * w) micro_tile<T, R, C, TransA>(depth, a, lda, b + j, ldb, c + j, ldc, alpha, beta);
-  for (; j < cols; j += w) micro_tile<T, R, 1, TransA>(depth, a, lda, b + j, ldb, c + j, ldc, alpha, beta);
+  for (; j + w <= cols; j += w) micro_tile<T, R, 1, TransA>(depth, a, lda, b + j, ldb, c + j, ldc, alpha, beta);
+  if (j < cols) micro_tail<T, R, TransA>(cols - j, depth, a, lda, b + j, ldb, c + j, ldc, alpha, beta);
 }
 
 /// The last rows - fewer than a whole tile of R - with their count chosen at compile time.
@@ -91,8 +117,8 @@ void gemm_tiled(std::size_t rows, std::size_t cols, std::size_t depth, const T* 
   }
 }
 
-/// C = alpha · op(A) · B + beta · C, all row-major; op(A) is rows × depth, and cols a multiple
-/// of the SIMD width (other shapes go to Eigen, see gemm_serial). With 32 vector
+/// C = alpha · op(A) · B + beta · C, all row-major; op(A) is rows × depth, any cols (a last
+/// partial batch masked). With 32 vector
 /// registers, a C several tiles wide gets 8 × 3 tiles (fewer loads of B per multiply-add: the
 /// faster shape when B comes from L2), a narrow one 6 × 4 (a 64-wide C in one tile).
 template <class T, bool TransA>

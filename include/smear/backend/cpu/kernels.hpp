@@ -185,10 +185,10 @@ void gemm_serial(bool trans_a, bool trans_b, T alpha, matrix_ref<const T> a, mat
   const std::size_t depth = trans_a ? a.rows : a.cols;
   const bool vector_like = c.rows == 1 || c.cols == 1 || c.rows + c.cols + depth < 20;
   // The direct kernels, which neither pack the operands nor zero-fill C first: op(A)·B with B
-  // read in place and A·Bᵀ through a transposed copy of a small B, for C a whole number of
-  // SIMD batches wide; a deeper A·Bᵀ as dot products.
+  // read in place and A·Bᵀ through a transposed copy of a small B (a C narrower than one SIMD
+  // batch stays with Eigen); a deeper A·Bᵀ as dot products.
   const bool small_bt = depth * c.cols * sizeof(T) <= direct_transpose_bytes;
-  if (!vector_like && depth > 0 && depth <= direct_depth && c.cols % direct::lanes<T>() == 0 &&
+  if (!vector_like && depth > 0 && depth <= direct_depth && c.cols >= direct::lanes<T>() &&
       !(trans_a && trans_b) && (!trans_b || small_bt)) {
     const T* bp = b.data;
     std::size_t ldb = b.stride;
