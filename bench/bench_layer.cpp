@@ -7,8 +7,9 @@
 // with a fixed per-task routing: experts merged once by set_task_routing and reused), gemm (the plain Eigen
 // GEMMs a SMEAR block runs at that shape, without any element-wise work: the ceiling), and
 // gemm_square/n:.../threads:... (one square GEMM, the machine's peak for reference), and, in a build
-// with libxsmm, xsmm (SMEAR on the cpu backend with its per-example GEMMs through libxsmm's JIT
-// kernels: bench/xsmm_backend.hpp; rows for N = 8, L = 128, B = 32 only).
+// with libxsmm or oneDNN, xsmm and onednn (SMEAR on the cpu backend with its per-example GEMMs
+// through libxsmm's JIT kernels or oneDNN's sgemm: bench/anchor_backends.hpp; N = 8, L = 128,
+// B = 32 only).
 // modes: fwd (inference: forward only) and fwdbwd (training: forward then backward).
 // shared/fwd/.../callers:K: inference throughput of one evaluation layer shared by K threads,
 // each with its own workspace and one thread of the pool (examples/s over all callers).
@@ -52,14 +53,12 @@
 #include <immintrin.h>
 #endif
 
-#ifdef SMEAR_BENCH_XSMM
-#include "xsmm_backend.hpp"  // before smear's other headers (see there)
-#endif
+#include "anchor_backends.hpp"  // before smear's other headers (see there)
 #include "smear/smear.hpp"
 
 namespace {
 
-enum class kind { smear, top1, ensemble, soft_moe, single, cached, gemm, xsmm };
+enum class kind { smear, top1, ensemble, soft_moe, single, cached, gemm, xsmm, onednn };
 enum class mode { fwd, fwdbwd };
 
 constexpr const char* name(kind k) {
@@ -72,6 +71,7 @@ constexpr const char* name(kind k) {
     case kind::cached: return "cached";
     case kind::gemm: return "gemm";
     case kind::xsmm: return "xsmm";
+    case kind::onednn: return "onednn";
   }
   return "?";
 }
@@ -103,6 +103,7 @@ struct workload {
       case kind::cached: return bw ? 3 * apply : apply;  // merged once, outside the timing
       case kind::smear:
       case kind::xsmm:
+      case kind::onednn:
       case kind::single:
       case kind::gemm: return bw ? 6 * B * N * P + 3 * apply : 2 * B * N * P + apply;
     }
@@ -217,13 +218,18 @@ void run_layer(benchmark::State& state, workload w, bool loaded) {
   state.counters["GFLOP/s"] = benchmark::Counter(w.flops() * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["workspace_MB"] = double(block.workspace_bytes()) * 1e-6;
   state.counters["workspace_ratio"] = double(block.workspace_bytes()) / required;
+  // the small GEMMs an anchor's library could not take, as a share of its small GEMMs
+  auto fallback_share = [&](const smear::backend::detail::anchor_counts& n) {
+    state.counters["fallback_share"] =
+        double(n.fallback.load()) / double(std::max<std::size_t>(1, n.fallback.load() + n.library.load()));
+  };
 #ifdef SMEAR_BENCH_XSMM
-  if constexpr (std::is_same_v<Backend, smear::backend::xsmm>) {  // the small GEMMs libxsmm could not take
-    const auto& n = smear::backend::detail::xsmm_stats();
-    state.counters["xsmm_fallback_share"] =
-        double(n.fallback.load()) / double(std::max<std::size_t>(1, n.fallback.load() + n.jit.load()));
-  }
+  if constexpr (std::is_same_v<Backend, smear::backend::xsmm>) fallback_share(smear::backend::detail::xsmm_stats());
 #endif
+#ifdef SMEAR_BENCH_ONEDNN
+  if constexpr (std::is_same_v<Backend, smear::backend::onednn>) fallback_share(smear::backend::detail::onednn_stats());
+#endif
+  (void)fallback_share;
 }
 
 /// K callers share one SMEAR layer in evaluation mode, each forward through its own workspace
@@ -437,7 +443,11 @@ void add(workload w, bool loaded = false) {
     if (w.k == kind::xsmm && w.n == 8)
       return benchmark::RegisterBenchmark(label.c_str(), run_layer<8, smear::backend::xsmm>, w, loaded);
 #endif
-    if (w.k == kind::xsmm) return nullptr;
+#ifdef SMEAR_BENCH_ONEDNN
+    if (w.k == kind::onednn && w.n == 8)
+      return benchmark::RegisterBenchmark(label.c_str(), run_layer<8, smear::backend::onednn>, w, loaded);
+#endif
+    if (w.k == kind::xsmm || w.k == kind::onednn) return nullptr;
     switch (w.n) {
       case 1: return benchmark::RegisterBenchmark(label.c_str(), run_layer<1>, w, loaded);
       case 4: return benchmark::RegisterBenchmark(label.c_str(), run_layer<4>, w, loaded);
@@ -466,10 +476,11 @@ void register_grid() {
               for (kind k : {kind::smear, kind::gemm, kind::top1, kind::ensemble, kind::soft_moe, kind::cached})
                 if (k != kind::cached || md == mode::fwd) add({k, md, s.d, s.m, n, length, batch, threads});
           }
-  // the libxsmm anchor: SMEAR with the per-example GEMMs through libxsmm (bench/xsmm_backend.hpp)
-  for (std::size_t threads : {1, 2})
-    for (auto md : {mode::fwd, mode::fwdbwd})
-      for (dims s : {dims{768, 24}, dims{768, 64}, dims{512, 32}}) add({kind::xsmm, md, s.d, s.m, 8, 128, 32, threads});
+  // the anchors: SMEAR with the per-example GEMMs through libxsmm or oneDNN (bench/anchor_backends.hpp)
+  for (kind k : {kind::xsmm, kind::onednn})
+    for (std::size_t threads : {1, 2})
+      for (auto md : {mode::fwd, mode::fwdbwd})
+        for (dims s : {dims{768, 24}, dims{768, 64}, dims{512, 32}}) add({k, md, s.d, s.m, 8, 128, 32, threads});
   // the key workload on a shared machine: one competing process
   for (std::size_t threads : {1, 2})
     for (auto md : {mode::fwd, mode::fwdbwd})
@@ -524,6 +535,11 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
 #ifdef SMEAR_BENCH_XSMM
   benchmark::AddCustomContext("libxsmm", LIBXSMM_VERSION);
+#endif
+#ifdef SMEAR_BENCH_ONEDNN
+  if (const auto* v = dnnl_version())
+    benchmark::AddCustomContext("onednn", std::to_string(v->major) + "." + std::to_string(v->minor) + "." +
+                                              std::to_string(v->patch));
 #endif
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
