@@ -137,4 +137,8 @@ TEST_CASE("tensor parallel: the errors") {
                        doctest::Contains("is not split"), value_error);
   CHECK_THROWS_WITH_AS((split_layer<double>{adapter<double>{d, 1}, {}, 0, MPI_COMM_WORLD}),
                        doctest::Contains("units to split"), value_error);
+  split_layer<double> tp{expert, {}, 0, MPI_COMM_WORLD};
+  full_layer<double> other{adapter<double>{d, m + 1}, {}, 0};  // another bottleneck
+  CHECK_THROWS_WITH_AS(tp.scatter(other), doctest::Contains("not the expert this block splits"), shape_error);
+  CHECK_THROWS_WITH_AS(tp.gather(other), doctest::Contains("not the expert this block splits"), shape_error);
 }

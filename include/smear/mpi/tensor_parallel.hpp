@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <limits>
 #include <span>
 #include <string>
 #include <vector>
@@ -113,8 +114,8 @@ class tensor_parallel {
   /// This process's part of a block shaped like `full_expert`: its slice of the experts
   /// (initialised from `seed` as a part, so the numbers differ from a full layer's; scatter()
   /// a full layer for those) and a replica of the router (the same on every process for a
-  /// seed). Collective. Throws value_error for a strategy other than smear and ensemble, or
-  /// fewer units to split than processes.
+  /// seed). Throws value_error for a strategy other than smear and ensemble, or fewer units to
+  /// split than processes.
   tensor_parallel(const Expert& full_expert, layer_options options, std::uint64_t seed, MPI_Comm comm)
       : comm_(comm), rank_(static_cast<std::size_t>(mpi::rank(comm))), parts_(static_cast<std::size_t>(mpi::size(comm))),
         full_(full_expert), residual_(options.residual.value_or(is_residual_expert<Expert>)),
@@ -162,6 +163,7 @@ class tensor_parallel {
   /// Every process's slice ← its part of `full`'s experts; the router, the training steps and
   /// the mode ← `full`'s. Not collective (each process reads `full` alone).
   void scatter(const full_layer& full) {
+    check_shape(full, "smear::mpi::tensor_parallel::scatter");
     auto& bank = local_.bank();
     const auto part_layout = bank.layout();
     for (std::size_t e = 0; e < N; ++e) {
@@ -180,8 +182,12 @@ class tensor_parallel {
   /// `full`'s experts ← every process's slice, its router, training steps and mode ← this
   /// process's. Collective (an all-gather of the slices); every process gets the full layer.
   void gather(full_layer& full) const {
+    check_shape(full, "smear::mpi::tensor_parallel::gather");
     const auto& bank = local_.bank();
     const std::size_t mine = N * bank.parameter_count();
+    if (mine > static_cast<std::size_t>(std::numeric_limits<int>::max()))
+      throw value_error(smear::detail::message("smear::mpi::tensor_parallel::gather: a slice of ", mine,
+                                               " values, more than one MPI call takes"));
     std::vector<int> counts(parts_), offsets(parts_);
     int count = static_cast<int>(mine);
     check(MPI_Allgather(&count, 1, MPI_INT, counts.data(), 1, MPI_INT, comm_), "MPI_Allgather of the slice sizes");
@@ -211,6 +217,19 @@ class tensor_parallel {
 
  private:
   static std::vector<split_rule> rules() { return tensor_split<Expert>::rules(); }
+
+  /// Throws shape_error unless `full`'s experts have the layout of the expert this block splits.
+  void check_shape(const full_layer& full, const char* op) const {
+    const auto& layout = full.bank().layout();
+    const bool same = layout.size() == full_layout_.size() &&
+                      std::ranges::equal(layout, full_layout_, [](const parameter_slot& a, const parameter_slot& b) {
+                        return a.name == b.name && a.shape == b.shape;
+                      });
+    if (!same)
+      throw shape_error(smear::detail::message(op, ": the full layer's experts (", layout.size(), " tensors, P = ",
+                                               full.bank().parameter_count(), ") are not the expert this block splits (",
+                                               full_layout_.size(), " tensors, P = ", full_.parameter_count(), ")"));
+  }
 
   static Expert split(const Expert& full, const layer_options& o, std::size_t r, std::size_t parts) {
     const auto s = o.routing.strategy;
