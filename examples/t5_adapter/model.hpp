@@ -60,7 +60,7 @@ struct route_context {
 class routing_hook final : public sublayer_hook {
  public:
   routing_hook(examples::any_layer<float> layer, const route_context* ctx, bool needs_tags, bool needs_tokens)
-      : layer_(std::move(layer)), ctx_(ctx), tags_(needs_tags), tokens_(needs_tokens) {}
+      : layer_(std::move(layer)), params_(layer_.parameters()), ctx_(ctx), tags_(needs_tags), tokens_(needs_tokens) {}
   void forward(smear::tokens<const float> x, std::span<float> y) override {
     smear::route_inputs in;
     if (tags_) in.tags = ctx_->tags;
@@ -69,12 +69,13 @@ class routing_hook final : public sublayer_hook {
   }
   void backward(std::span<const float> dy, std::span<float> dx) override {
     layer_.backward(dy, dx, ctx_->example_losses);
-    if (ctx_->replicas != nullptr) ctx_->replicas->ready(layer_.parameters());  // final: into the buckets
+    if (ctx_->replicas != nullptr) ctx_->replicas->ready(params_);  // final: into the buckets
   }
   examples::any_layer<float>& layer() { return layer_; }
 
  private:
   examples::any_layer<float> layer_;
+  smear::parameter_list<float> params_;  ///< the layer's tensors (spans into its storage, which stays put)
   const route_context* ctx_;
   bool tags_, tokens_;
 };

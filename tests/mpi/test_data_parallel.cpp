@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "mpi/training.hpp"
 #include "support/testing.hpp"
 
 using namespace smear;
@@ -44,41 +45,8 @@ std::vector<setup> setups() {
   return out;
 }
 
-/// One global batch: inputs, lengths, tags and loss weights, the same on every process.
-template <class T>
-struct batch {
-  std::size_t size;
-  std::vector<T> x, w;
-  std::vector<std::int32_t> lengths, tags;
-  batch(std::size_t B, std::uint64_t seed) : size(B) {
-    rng gen{seed};
-    x = testing::random_vector<T>(B * L * d, gen);
-    w = testing::random_vector<T>(B * L * d, gen);
-    for (std::size_t b = 0; b < B; ++b) {
-      lengths.push_back(static_cast<std::int32_t>(1 + gen.below(L)));
-      tags.push_back(static_cast<std::int32_t>(gen.below(3)));
-    }
-  }
-};
-
-/// One training step of `block` on examples [first, first + B) of `g`: forward, each example's
-/// loss ℓ_b = Σ w_b ⊙ y_b, backward of their mean over the B examples. Returns the auxiliary loss.
-template <class Layer, class T = typename Layer::value_type>
-T step(Layer& block, const batch<T>& g, std::size_t first, std::size_t B, bool tags) {
-  const std::size_t row = L * d;
-  const tokens<const T> x{g.x.data() + first * row, B, L, d, std::span(g.lengths).subspan(first, B)};
-  std::vector<T> y(B * row), dy(B * row), dx(B * row), losses(B);
-  route_inputs in;
-  if (tags) in.tags = std::span(g.tags).subspan(first, B);
-  block.forward(x, y, in);
-  for (std::size_t b = 0; b < B; ++b)
-    for (std::size_t i = 0; i < row; ++i) {
-      losses[b] += g.w[(first + b) * row + i] * y[b * row + i];
-      dy[b * row + i] = g.w[(first + b) * row + i] / static_cast<T>(B);
-    }
-  block.backward(dy, dx, losses);
-  return block.auxiliary_loss();
-}
+using testing::global_batch;
+using testing::shard_step;
 
 template <class T>
 void check_equal(std::span<const T> a, std::span<const T> b, double tol, const std::string& what) {
@@ -102,12 +70,12 @@ void check_training(const setup& s, double tol, mpi::data_parallel_options optio
   sgd<T> opt_ref{reference.parameters(), {.lr = 0.2, .momentum = 0.5}};
   sgd<T> opt_rep{replica.parameters(), {.lr = 0.2, .momentum = 0.5}};
   for (std::size_t k = 0; k < steps; ++k) {
-    const batch<T> g{B, 100 + k};
+    const global_batch<T> g{B, L, d, 100 + k};
     reference.zero_grad();
     replica.zero_grad();
-    const T aux_ref = step(reference, g, 0, B, s.tags);
+    const T aux_ref = shard_step(reference, g, 0, B, s.tags);
     dp.begin_batch(mine);
-    T aux = step(replica, g, dp.first(), mine, s.tags) * static_cast<T>(mine) / static_cast<T>(B);
+    T aux = shard_step(replica, g, dp.first(), mine, s.tags) * static_cast<T>(mine) / static_cast<T>(B);
     dp.ready(replica.parameters());
     dp.finish();
     dp.sum(std::span<T>(&aux, 1));  // the global batch's auxiliary loss, from the local means
@@ -154,8 +122,8 @@ TEST_CASE("data parallel: the errors") {
   dp.begin_batch(2);  // a global batch of 2·R examples: 2·R + 1 fit in no process's share
   block.set_replicas(&dp);
   const std::size_t too_many = 2 * static_cast<std::size_t>(dp.size()) + 1;
-  const batch<double> g{too_many, 1};
-  CHECK_THROWS_WITH_AS(step(block, g, 0, too_many, false), doctest::Contains("do not fit"), value_error);
+  const global_batch<double> g{too_many, L, d, 1};
+  CHECK_THROWS_WITH_AS(shard_step(block, g, 0, too_many), doctest::Contains("do not fit"), value_error);
   block.train(false);  // evaluation ignores the replicas: any batch
   std::vector<double> y(too_many * L * d);
   block.forward(tokens<const double>{g.x.data(), too_many, L, d, g.lengths}, y);

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "mpi/training.hpp"
 #include "support/testing.hpp"
 
 using namespace smear;
@@ -39,27 +40,12 @@ void check_device_training(const std::string& name, layer_options options) {
   device::sgd<double, device::host_context> opt_rep{replica.parameters(), {.lr = 0.3, .momentum = 0.5},
                                                     replica.context()};
   for (std::uint64_t k = 0; k < steps; ++k) {
-    rng gen{50 + k};
-    const auto x = testing::random_vector<double>(B * L * d, gen), w = testing::random_vector<double>(B * L * d, gen);
-    std::vector<std::int32_t> lengths;
-    for (std::size_t b = 0; b < B; ++b) lengths.push_back(static_cast<std::int32_t>(1 + gen.below(L)));
-    auto run = [&](auto& block, std::size_t first, std::size_t count) {
-      const std::size_t row = L * d;
-      std::vector<double> y(count * row), dy(count * row), dx(count * row), losses(count);
-      block.forward(tokens<const double>{x.data() + first * row, count, L, d, std::span(lengths).subspan(first, count)},
-                    y);
-      for (std::size_t b = 0; b < count; ++b)
-        for (std::size_t i = 0; i < row; ++i) {
-          losses[b] += w[(first + b) * row + i] * y[b * row + i];
-          dy[b * row + i] = w[(first + b) * row + i] / static_cast<double>(count);
-        }
-      block.backward(dy, dx, losses);
-    };
+    const testing::global_batch<double> g{B, L, d, 50 + k};
     reference.zero_grad();
     opt_rep.zero_grad();
-    run(reference, 0, B);
+    testing::shard_step(reference, g, 0, B);
     dp.begin_batch(mine);
-    run(replica, dp.first(), mine);
+    testing::shard_step(replica, g, dp.first(), mine);
     dp.ready(replica.parameters(), replica.context());
     dp.finish();
     opt_ref.step();
